@@ -1,0 +1,19 @@
+"""scalable-shampoo: Shampoo (Anil et al., arXiv 2002.09018) for PyTorch."""
+
+from .background import InlineRoots, RootScheduler
+from .grafting import GraftingType
+from .matrix_roots import RootMethod, inverse_root
+from .optimizer import NonFiniteGrad, Shampoo
+from .state import FORMAT_VERSION
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GraftingType",
+    "InlineRoots",
+    "NonFiniteGrad",
+    "RootMethod",
+    "RootScheduler",
+    "Shampoo",
+    "inverse_root",
+]
+__version__ = "0.1.0"

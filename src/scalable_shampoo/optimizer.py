@@ -1,0 +1,389 @@
+r"""Shampoo: a drop-in replacement for ``torch.optim.AdamW``.
+
+One step, for every parameter and every block of it (see ``blocks.py``)::
+
+    G ← ∇W (+ λW with L2 weight decay)
+    L_i ← β₂·L_i + w·G₍ᵢ₎G₍ᵢ₎ᵀ              per axis, per block, fp32; w = 1 if β₂ = 1 else 1 − β₂
+    every N steps: roots L_i^(-1/p)          inline or in the background (the scheduler)
+    M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ)        Adam-style first moment (skipped when β₁ = 0)
+    D ← graft(Ĝ)                             the first-order update (AdaGrad, Adam, …)
+    P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖D‖/‖P‖      per block; P = D for a block without roots
+    B ← μB + P;  P ← B (or P + μB, Nesterov)  optional heavy-ball momentum
+    W ← W(1 − lr·λ) − lr·P                   decoupled weight decay (default)
+
+β₁ filters the gradient *before* it is preconditioned, so that with no roots
+Shampoo with Adam, AdaGrad or SGD grafting is exactly Adam(W), Adagrad or SGD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
+from .blocks import BlockPlan, block_views, make_plan
+from .grafting import GraftingType, graft_direction
+from .kronecker import axis_statistic, precondition
+from .matrix_roots import RootMethod
+from .state import StateCodec
+
+__all__ = ["NonFiniteGrad", "Shampoo"]
+
+
+class NonFiniteGrad(str, Enum):
+    """What a step does when any gradient holds a NaN or an Inf."""
+
+    SKIP = "skip"  # skip the whole step, touch no state, count it in ``skipped_steps``
+    RAISE = "raise"  # raise FloatingPointError naming the parameter; nothing is changed
+
+
+def _enum_value(cls: type[Enum], name: str, value: Any) -> str:
+    try:
+        return str(cls(value).value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
+
+
+def _require(ok: bool, name: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class Shampoo(torch.optim.Optimizer):
+    """Shampoo with grafting, blocking and delayed (optionally background) roots.
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer.
+        lr: learning rate (the grafted method's; keep AdamW's).
+        betas: (β₁, β₂). β₁ is the first-moment EMA of the gradient (0 disables);
+            β₂ is the EMA of the Kronecker statistics (1 sums them, AdaGrad style)
+            and, unless ``grafting_beta2`` is set, of the grafting accumulator.
+        eps: the grafting method's ε (Adam's eps).
+        weight_decay: λ; decoupled (AdamW) unless ``decoupled_weight_decay=False`` (L2).
+        momentum, nesterov: heavy-ball momentum on the grafted direction, as ``torch.optim.SGD``.
+        grafting: a :class:`GraftingType` or its name.
+        grafting_beta2: β₂ of the RMSprop/Adam grafting accumulator (default: ``betas[1]``).
+        block_size: blocks are at most this long along every preconditioned axis.
+        max_preconditioner_dim: an axis longer than this keeps no statistic (one-sided).
+        merge_dims_bound: adjacent dims are merged while their product stays ≤ this
+            (default: ``block_size``).
+        precondition_1d: precondition vectors with a full d×d statistic.
+        exponent_override: use ``L^(-1/p)`` with this p for every factor (default 2k).
+        precondition_frequency: recompute roots every this many steps.
+        start_preconditioning_step: the first step with roots; the update is the
+            grafting update before it.
+        matrix_eps: ε added to the statistics before the root; relative to λ_max
+            unless ``matrix_eps_relative=False``.
+        root_method: ``"auto"`` (eigh on CPU, coupled Newton on GPU), ``"eigh"`` or ``"newton"``.
+        root_dtype: ``torch.float32`` or ``torch.float64``, the precision of root computation.
+        max_root_residual: a root with ``max|X^p·A_d − I|`` above this is retried with
+            ε×10 up to ``root_retries`` times and then rejected (the previous root stays).
+        nonfinite_grad: ``"skip"`` (default) or ``"raise"``, see :class:`NonFiniteGrad`.
+        scheduler: where roots are computed; default inline (:class:`InlineRoots`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        decoupled_weight_decay: bool = True,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        grafting: GraftingType | str = GraftingType.ADAM,
+        grafting_beta2: float | None = None,
+        block_size: int = 1024,
+        max_preconditioner_dim: int = 4096,
+        merge_dims_bound: int | None = None,
+        precondition_1d: bool = False,
+        exponent_override: int | None = None,
+        precondition_frequency: int = 20,
+        start_preconditioning_step: int = 20,
+        matrix_eps: float = 1e-6,
+        matrix_eps_relative: bool = True,
+        root_method: RootMethod | str = RootMethod.AUTO,
+        root_dtype: torch.dtype = torch.float32,
+        max_root_residual: float = 0.1,
+        root_retries: int = 3,
+        nonfinite_grad: NonFiniteGrad | str = NonFiniteGrad.SKIP,
+        scheduler: RootScheduler | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            grafting=grafting,
+            grafting_beta2=grafting_beta2,
+            block_size=block_size,
+            max_preconditioner_dim=max_preconditioner_dim,
+            merge_dims_bound=merge_dims_bound,
+            precondition_1d=precondition_1d,
+            exponent_override=exponent_override,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            matrix_eps=matrix_eps,
+            matrix_eps_relative=matrix_eps_relative,
+            root_method=root_method,
+            root_dtype=root_dtype,
+            max_root_residual=max_root_residual,
+            root_retries=root_retries,
+        )
+        self.nonfinite_grad = NonFiniteGrad(_enum_value(NonFiniteGrad, "nonfinite_grad", nonfinite_grad))
+        self.scheduler: RootScheduler = scheduler if scheduler is not None else InlineRoots()
+        self.global_step = 0  # steps taken (skipped steps not counted)
+        self.skipped_steps = 0
+        super().__init__(params, defaults)
+        StateCodec.attach(self)
+
+    # ------------------------------------------------------------------ validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _validate(g: dict[str, Any]) -> None:
+        for p in g["params"]:
+            if p.is_complex():
+                raise ValueError(f"complex parameters are not supported, got dtype {p.dtype}")
+        lr = g["lr"]
+        _require(_is_number(lr) and lr >= 0, "lr", lr, "a number ≥ 0")
+        betas = g["betas"]
+        _require(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", betas, "a pair (β₁, β₂)")
+        _require(_is_number(betas[0]) and 0 <= betas[0] < 1, "betas[0]", betas[0], "in [0, 1)")
+        _require(_is_number(betas[1]) and 0 < betas[1] <= 1, "betas[1]", betas[1], "in (0, 1]")
+        gb2 = g["grafting_beta2"]
+        _require(gb2 is None or (_is_number(gb2) and 0 < gb2 <= 1), "grafting_beta2", gb2, "None or in (0, 1]")
+        _require(_is_number(g["eps"]) and g["eps"] > 0, "eps", g["eps"], "> 0")
+        wd = g["weight_decay"]
+        _require(_is_number(wd) and wd >= 0, "weight_decay", wd, "≥ 0")
+        mom = g["momentum"]
+        _require(_is_number(mom) and 0 <= mom < 1, "momentum", mom, "in [0, 1)")
+        _require(not g["nesterov"] or mom > 0, "nesterov", g["nesterov"], "False when momentum is 0")
+        g["grafting"] = _enum_value(GraftingType, "grafting", g["grafting"])
+        g["root_method"] = _enum_value(RootMethod, "root_method", g["root_method"])
+        for name in ("block_size", "max_preconditioner_dim", "precondition_frequency", "start_preconditioning_step"):
+            v = g[name]
+            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "an integer ≥ 1")
+        mdb = g["merge_dims_bound"]
+        _require(mdb is None or (isinstance(mdb, int) and mdb >= 1), "merge_dims_bound", mdb, "None or an integer ≥ 1")
+        eo = g["exponent_override"]
+        _require(eo is None or (isinstance(eo, int) and eo >= 1), "exponent_override", eo, "None or an integer ≥ 1")
+        me = g["matrix_eps"]
+        _require(_is_number(me) and me > 0, "matrix_eps", me, "> 0")
+        rd = g["root_dtype"]
+        _require(rd in (torch.float32, torch.float64), "root_dtype", rd, "torch.float32 or torch.float64")
+        mr = g["max_root_residual"]
+        _require(_is_number(mr) and mr > 0, "max_root_residual", mr, "> 0")
+        rr = g["root_retries"]
+        _require(isinstance(rr, int) and rr >= 0, "root_retries", rr, "an integer ≥ 0")
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def plan(p: Tensor, group: dict[str, Any]) -> BlockPlan:
+        """How ``p`` is blocked under ``group``'s settings (cached per shape)."""
+        bound = group["merge_dims_bound"] or group["block_size"]
+        return make_plan(
+            tuple(p.shape),
+            group["block_size"],
+            group["max_preconditioner_dim"],
+            bound,
+            group["precondition_1d"],
+        )
+
+    @staticmethod
+    def _state_dtype(p: Tensor) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def _root_options(group: dict[str, Any]) -> RootOptions:
+        return RootOptions(
+            method=RootMethod(group["root_method"]),
+            eps=group["matrix_eps"],
+            relative_eps=group["matrix_eps_relative"],
+            dtype=group["root_dtype"],
+            max_residual=group["max_root_residual"],
+            retries=group["root_retries"],
+            newton_max_iters=100,
+            newton_tol=1e-6,
+        )
+
+    def _params_with_grad(self) -> list[tuple[int, dict[str, Any], Tensor]]:
+        out = []
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.numel() > 0:
+                    if p.grad.is_sparse:
+                        raise ValueError(f"sparse gradients are not supported (parameter {index})")
+                    out.append((index, group, p))
+                index += 1
+        return out
+
+    def _grads_finite(self, params: list[tuple[int, dict[str, Any], Tensor]]) -> bool:
+        if not params:
+            return True
+        flags = torch.stack([torch.isfinite(p.grad).all().cpu() for _, _, p in params])  # type: ignore[union-attr]
+        if bool(flags.all()):  # the one host sync of a step
+            return True
+        if self.nonfinite_grad is NonFiniteGrad.RAISE:
+            first = int((~flags).nonzero()[0, 0])
+            raise FloatingPointError(f"non-finite gradient in parameter {params[first][0]}; no state was changed")
+        return False
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params_with_grad()
+        if not self._grads_finite(params):
+            self.skipped_steps += 1  # nothing touched: statistics, roots, moments, weights
+            return loss
+        self.global_step += 1
+
+        jobs: list[RootJob] = []
+        grads = []
+        for index, group, p in params:
+            g = self._gradient(p, group)
+            # L_i ← β₂·L_i + w·G₍ᵢ₎G₍ᵢ₎ᵀ, per block and axis
+            step = self._update_statistics(p, g, group)
+            # every N steps: roots (collected here, computed by the scheduler)
+            jobs += self._due_roots(index, p, group, step)
+            grads.append(g)
+
+        # roots L^(-1/p): inline, or results of earlier background jobs that apply now
+        self._install_roots(self.scheduler.run(self.global_step, jobs))
+
+        for (_, group, p), g in zip(params, grads):
+            # P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖graft(Ĝ)‖/‖P‖
+            direction = self._direction(p, g, group)
+            # B ← μB + P;  W ← W(1 − lr·λ) − lr·P
+            self._apply_update(p, direction, group)
+        return loss
+
+    def _gradient(self, p: Tensor, group: dict[str, Any]) -> Tensor:
+        assert p.grad is not None
+        g = p.grad.to(self._state_dtype(p))
+        if group["weight_decay"] and not group["decoupled_weight_decay"]:
+            g = g.add(p.to(g.dtype), alpha=group["weight_decay"])  # L2: G ← G + λW
+        return g
+
+    def _update_statistics(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> int:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0, dtype=torch.int64)
+        state["step"] += 1
+        beta2 = group["betas"][1]
+        w = 1.0 if beta2 == 1 else 1.0 - beta2
+        plan = self.plan(p, group)
+        for b, (block, gb) in enumerate(zip(plan.blocks, block_views(g.contiguous(), plan))):
+            for a in block.axes:
+                key = f"stat.{b}.{a}"
+                if key not in state:
+                    state[key] = torch.zeros(block.shape[a], block.shape[a], dtype=g.dtype, device=g.device)
+                state[key].mul_(beta2).add_(axis_statistic(gb, a), alpha=w)
+        return int(state["step"])
+
+    def _due_roots(self, index: int, p: Tensor, group: dict[str, Any], step: int) -> list[RootJob]:
+        start, every = group["start_preconditioning_step"], group["precondition_frequency"]
+        if step < start or (step - start) % every:
+            return []
+        state, plan, opts = self.state[p], self.plan(p, group), self._root_options(group)
+        return [
+            RootJob((index, b, a), step, state[f"stat.{b}.{a}"], block.exponent(group["exponent_override"]), opts)
+            for b, block in enumerate(plan.blocks)
+            for a in block.axes
+        ]
+
+    def _install_roots(self, outcomes: list[RootOutcome]) -> None:
+        if not outcomes:
+            return
+        params = [p for group in self.param_groups for p in group["params"]]
+        for out in outcomes:
+            index, b, a = out.key
+            state = self.state[params[index]]
+            info_key = f"root_info.{b}.{a}"
+            rejected = float(state[info_key][4]) if info_key in state else 0.0
+            if out.ok:
+                state[f"root.{b}.{a}"] = out.root.clone()  # own storage, not a view of the batch
+            else:
+                rejected += 1
+            # [step computed, residual, λ_max, ε_eff, rejected roots so far]
+            state[info_key] = torch.tensor(
+                [out.step, out.residual, out.lambda_max, out.eps, rejected], dtype=torch.float64
+            )
+            state[f"root_method.{b}.{a}"] = out.method
+
+    def _direction(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> Tensor:
+        state, plan = self.state[p], self.plan(p, group)
+        step = int(state["step"])
+        beta1 = group["betas"][0]
+        x = g
+        if beta1 > 0:  # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ)
+            m = state.setdefault("exp_avg", torch.zeros_like(g))
+            m.lerp_(g, 1 - beta1)
+            x = m / (1 - beta1**step)
+        kind = GraftingType(group["grafting"])
+        acc = state.setdefault("graft_acc", torch.zeros_like(g)) if kind.has_accumulator else None
+        gb2 = group["grafting_beta2"] if group["grafting_beta2"] is not None else group["betas"][1]
+        d = graft_direction(kind, g, x, acc, step=step, beta2=gb2, eps=group["eps"], plan=plan)
+        if not plan.preconditioned:
+            return d
+        x, d = x.contiguous(), d.contiguous()
+        out = torch.empty_like(d)
+        tiny = torch.finfo(d.dtype).tiny
+        for b, (block, xb, db, ob) in enumerate(
+            zip(plan.blocks, block_views(x, plan), block_views(d, plan), block_views(out, plan))
+        ):
+            roots = {a: state[f"root.{b}.{a}"] for a in block.axes if f"root.{b}.{a}" in state}
+            if not block.axes or len(roots) < len(block.axes):
+                ob.copy_(db)  # no roots yet: the grafting update
+                continue
+            pre = precondition(xb, roots)
+            if kind is not GraftingType.NONE:  # P ← P·‖D‖/‖P‖
+                pre = pre * (torch.linalg.vector_norm(db) / torch.linalg.vector_norm(pre).clamp_min(tiny))
+            ob.copy_(pre)
+        return out
+
+    def _apply_update(self, p: Tensor, direction: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        mu = group["momentum"]
+        if mu > 0:  # B ← μB + P
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = direction.clone()
+            else:
+                buf.mul_(mu).add_(direction)
+            direction = direction.add(buf, alpha=mu) if group["nesterov"] else buf
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd and group["decoupled_weight_decay"]:  # W ← W(1 − lr·λ)
+            p.mul_(1 - lr * wd)
+        p.add_(direction.to(p.dtype), alpha=-lr)  # W ← W − lr·P
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Stop the scheduler's workers, if any. The optimizer can't step after this."""
+        self.scheduler.close()

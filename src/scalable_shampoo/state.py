@@ -1,0 +1,112 @@
+"""The optimizer state layout, its format version, and a dtype-preserving save/load.
+
+``state_dict()`` is torch's, plus one top-level entry. Per parameter, the state
+holds plain tensors under these keys (``b`` is the block index in the
+parameter's :class:`~scalable_shampoo.blocks.BlockPlan`, ``a`` the axis):
+
+==========================  ===================================================
+key                         what
+==========================  ===================================================
+``step``                    int64 0-d CPU tensor, steps taken by this parameter
+``exp_avg``                 first moment M (when β₁ > 0)
+``graft_acc``               grafting accumulator v (AdaGrad, RMSprop, Adam)
+``momentum_buffer``         heavy-ball buffer B (when momentum > 0)
+``stat.{b}.{a}``            statistic H_a of block b (fp32; fp64 for fp64 params)
+``root.{b}.{a}``            installed inverse root (absent until the first one)
+``root_info.{b}.{a}``       float64 CPU ``[step computed, residual, λ_max, ε_eff, rejected]``
+``root_method.{b}.{a}``     ``"eigh"`` or ``"newton"``: how the last root was computed
+==========================  ===================================================
+
+The top-level entry ``"scalable_shampoo"`` holds ``format_version``,
+``global_step``, ``skipped_steps`` and the scheduler's pending results.
+
+``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the
+parameter's dtype (pytorch#43706), which would truncate fp32 statistics under
+bf16 parameters. The hooks here put back each tensor exactly as it was saved.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .optimizer import Shampoo
+
+__all__ = ["FORMAT_VERSION", "TOP_KEY", "StateCodec"]
+
+FORMAT_VERSION = 1
+TOP_KEY = "scalable_shampoo"
+
+
+def _on_cpu(key: str) -> bool:
+    return key == "step" or key.startswith("root_info.")
+
+
+class StateCodec:
+    """State-dict hooks that add the format version and undo torch's dtype cast."""
+
+    @staticmethod
+    def attach(opt: Shampoo) -> None:
+        opt.register_state_dict_post_hook(StateCodec._save)
+        opt.register_load_state_dict_pre_hook(StateCodec._check_and_keep)
+        opt.register_load_state_dict_post_hook(StateCodec._restore)
+
+    @staticmethod
+    def _save(opt: Shampoo, sd: dict[str, Any]) -> dict[str, Any]:
+        sd[TOP_KEY] = {
+            "format_version": FORMAT_VERSION,
+            "global_step": opt.global_step,
+            "skipped_steps": opt.skipped_steps,
+            "scheduler": opt.scheduler.state_dict(),
+        }
+        return sd
+
+    @staticmethod
+    def _check_and_keep(opt: Shampoo, sd: dict[str, Any]) -> None:
+        meta = sd.get(TOP_KEY)
+        if not isinstance(meta, dict):
+            raise ValueError(f"state_dict has no {TOP_KEY!r} entry: it was not saved by scalable_shampoo.Shampoo")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"state_dict format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}"
+            )
+        saved_groups = sd["param_groups"]
+        if len(saved_groups) != len(opt.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, opt.param_groups)
+        ):
+            raise ValueError("state_dict has different param groups than this optimizer")
+        params = chain.from_iterable(g["params"] for g in opt.param_groups)
+        saved = list(chain.from_iterable(zip(s["params"], [s] * len(s["params"])) for s in saved_groups))
+        for (pid, group), p in zip(saved, params):
+            state = sd["state"].get(pid, {})
+            plan = opt.plan(p, {**group, "params": [p]})
+            expected = {f"stat.{b}.{a}": (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes}
+            expected |= {k: tuple(p.shape) for k in ("exp_avg", "graft_acc", "momentum_buffer")}
+            for k, v in state.items():
+                if torch.is_tensor(v) and (k in expected or k.startswith("stat.")):
+                    if tuple(v.shape) != expected.get(k):
+                        raise ValueError(
+                            f"state_dict does not fit parameter {pid} of shape {tuple(p.shape)}: "
+                            f"{k} has shape {tuple(v.shape)}, expected {expected.get(k)}"
+                        )
+        opt._loaded = (sd, meta)
+
+    @staticmethod
+    def _restore(opt: Shampoo) -> None:
+        sd, meta = opt.__dict__.pop("_loaded")
+        saved_ids = chain.from_iterable(g["params"] for g in sd["param_groups"])
+        params = chain.from_iterable(g["params"] for g in opt.param_groups)
+        for pid, p in zip(saved_ids, params):
+            if pid not in sd["state"]:
+                continue
+            opt.state[p] = {
+                k: v.to(device="cpu" if _on_cpu(k) else p.device, copy=True) if torch.is_tensor(v) else v
+                for k, v in sd["state"][pid].items()
+            }
+        opt.global_step = int(meta["global_step"])
+        opt.skipped_steps = int(meta["skipped_steps"])
+        opt.scheduler.load_state_dict(meta["scheduler"])
+
