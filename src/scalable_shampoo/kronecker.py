@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 __all__ = ["axis_statistic", "precondition"]
 

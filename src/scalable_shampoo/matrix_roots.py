@@ -171,19 +171,22 @@ def inverse_root(
     max_residual: float = 0.1,
     retries: int = 3,
     newton_max_iters: int = 100,
-    newton_tol: float = 1e-6,
+    newton_tol: float | None = None,
 ) -> RootResult:
     """``(A + ε_eff·I)^(-1/p)`` for a batch of PSD matrices, judged and retried.
 
     The computation runs in ``dtype`` (default: the input's) and the root is
     returned in the input's dtype. A root that is non-finite or whose residual
     exceeds ``max_residual`` is retried with ε×10, up to ``retries`` times;
-    ``ok`` reports what still failed after that.
+    ``ok`` reports what still failed after that. The Newton tolerance defaults
+    to 1e-6 in fp32 and 1e-12 in fp64.
     """
     if p < 1 or int(p) != p:
         raise ValueError(f"p must be a positive integer, got {p!r}")
     method = RootMethod(method).resolve(a.device)
     work = a.to(dtype or a.dtype)
+    if newton_tol is None:
+        newton_tol = 1e-12 if work.dtype == torch.float64 else 1e-6
     root, residual, eps_eff, lam_max = _one_attempt(
         work, p, eps, relative_eps, method, newton_max_iters, newton_tol
     )

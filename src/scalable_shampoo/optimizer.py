@@ -225,7 +225,7 @@ class Shampoo(torch.optim.Optimizer):
             max_residual=group["max_root_residual"],
             retries=group["root_retries"],
             newton_max_iters=100,
-            newton_tol=1e-6,
+            newton_tol=1e-12 if group["root_dtype"] == torch.float64 else 1e-6,
         )
 
     def _params_with_grad(self) -> list[tuple[int, dict[str, Any], Tensor]]:
@@ -241,14 +241,15 @@ class Shampoo(torch.optim.Optimizer):
         return out
 
     def _grads_finite(self, params: list[tuple[int, dict[str, Any], Tensor]]) -> bool:
-        if not params:
-            return True
-        flags = torch.stack([torch.isfinite(p.grad).all().cpu() for _, _, p in params])  # type: ignore[union-attr]
-        if bool(flags.all()):  # the one host sync of a step
+        flags: dict[torch.device, list[Tensor]] = {}
+        for _, _, p in params:
+            assert p.grad is not None
+            flags.setdefault(p.grad.device, []).append(torch.isfinite(p.grad).all())
+        if all(bool(torch.stack(f).all()) for f in flags.values()):  # one host sync per device
             return True
         if self.nonfinite_grad is NonFiniteGrad.RAISE:
-            first = int((~flags).nonzero()[0, 0])
-            raise FloatingPointError(f"non-finite gradient in parameter {params[first][0]}; no state was changed")
+            first = next(i for i, _, p in params if not bool(torch.isfinite(p.grad).all()))  # type: ignore[arg-type]
+            raise FloatingPointError(f"non-finite gradient in parameter {first}; no state was changed")
         return False
 
     # ------------------------------------------------------------------ the step

@@ -50,9 +50,9 @@ class StateCodec:
 
     @staticmethod
     def attach(opt: Shampoo) -> None:
-        opt.register_state_dict_post_hook(StateCodec._save)
-        opt.register_load_state_dict_pre_hook(StateCodec._check_and_keep)
-        opt.register_load_state_dict_post_hook(StateCodec._restore)
+        opt.register_state_dict_post_hook(StateCodec._save)  # type: ignore[arg-type]
+        opt.register_load_state_dict_pre_hook(StateCodec._check_and_keep)  # type: ignore[arg-type]
+        opt.register_load_state_dict_post_hook(StateCodec._restore)  # type: ignore[arg-type]
 
     @staticmethod
     def _save(opt: Shampoo, sd: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +92,7 @@ class StateCodec:
                             f"state_dict does not fit parameter {pid} of shape {tuple(p.shape)}: "
                             f"{k} has shape {tuple(v.shape)}, expected {expected.get(k)}"
                         )
-        opt._loaded = (sd, meta)
+        opt.__dict__["_loaded"] = (sd, meta)  # handed to _restore, which pops it
 
     @staticmethod
     def _restore(opt: Shampoo) -> None:
