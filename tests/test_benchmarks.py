@@ -1,0 +1,148 @@
+"""The benchmark package: summaries on hand-made curves, tiny real runs of every task, missing data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import cli, data, report
+from benchmarks.optimizers import warmup_cosine
+from benchmarks.tasks import TASKS
+from benchmarks.train import Point, run
+
+
+# --------------------------------------------------------------------------- target and time to target
+def curve(opt: str, lr: float, seed: int, metrics: list[float], every: int = 10, sec_per_step: float = 0.5):
+    return [
+        Point("t", opt, lr, seed, i * every, i * every * sec_per_step, math.nan if i == 0 else 1.0, m)
+        for i, m in enumerate(metrics)
+    ]
+
+
+def hand_made(higher_is_better: bool = False) -> list[Point]:
+    sign = -1 if higher_is_better else 1
+    pts: list[Point] = []
+    # AdamW, lr 1e-3: finals 3.0, 2.9, 3.1; lr 2e-3: finals 2.5, 2.4, 2.6 (best: target = median 2.5)
+    for seed, f in enumerate([3.0, 2.9, 3.1]):
+        pts += curve("adamw", 1e-3, seed, [sign * v for v in [5, 4, 3.5, f]])
+    for seed, f in enumerate([2.5, 2.4, 2.6]):
+        pts += curve("adamw", 2e-3, seed, [sign * v for v in [5, 3.5, 2.8, f]])
+    # Shampoo, lr 2e-3: reaches 2.5 at step 20 (seeds 0, 1) and at step 30 (seed 2); 1.5× slower per step
+    for seed, m in enumerate([[5, 3, 2.5, 2.2], [5, 3, 2.4, 2.3], [5, 3, 2.7, 2.5]]):
+        pts += curve("shampoo", 2e-3, seed, [sign * v for v in m], sec_per_step=0.75)
+    # Shampoo, lr 6e-3: diverges (nan) on seed 0 and only that seed was run in the lr search
+    pts += curve("shampoo", 6e-3, 0, [sign * v for v in [5, math.nan]])
+    return pts
+
+
+@pytest.mark.parametrize("higher", [False, True])
+def test_target_and_time_to_target_on_hand_made_curves(higher: bool) -> None:
+    s = report.summarize(hand_made(higher), higher_is_better=higher)
+    sign = -1 if higher else 1
+    assert s["reference"] == "adamw"
+    assert s["target"] == pytest.approx(sign * 2.5)
+    adamw, shampoo = s["optimizers"]["adamw"], s["optimizers"]["shampoo"]
+    assert adamw["best_lr"] == 2e-3 and shampoo["best_lr"] == 2e-3  # the diverged lr ranks last
+    assert adamw["final_median"] == pytest.approx(sign * 2.5)
+    # AdamW reaches its own median only at the end, and only on seeds 0 and 1 → median of (30, 30, inf) = 30
+    assert adamw["reached"] == 2 and adamw["steps_to_target"] == 30 and adamw["seconds_to_target"] == 15
+    # Shampoo: 20, 20, 30 steps → median 20 steps, 20 × 0.75 = 15 s
+    assert shampoo["reached"] == 3 and shampoo["steps_to_target"] == 20 and shampoo["seconds_to_target"] == 15
+    assert shampoo["final_median"] == pytest.approx(sign * 2.3)
+    assert shampoo["by_lr"]["0.006"]["final_median"] is None
+    assert shampoo["ms_per_step"] == pytest.approx(750)
+    table = report.markdown_table(s | {"metric": "loss"})
+    assert "| shampoo | 0.002 |" in table and "0.67×" in table and "1.00×" in table
+
+
+def test_not_reached_when_most_seeds_miss() -> None:
+    pts = curve("adamw", 1e-3, 0, [5, 3, 2]) + curve("adamw", 1e-3, 1, [5, 3, 2])
+    pts += curve("shampoo", 1e-3, 0, [5, 4, 1.9]) + curve("shampoo", 1e-3, 1, [5, 4, 3])
+    s = report.summarize(pts, higher_is_better=False)
+    assert s["target"] == 2 and s["optimizers"]["shampoo"]["reached"] == 1
+    assert s["optimizers"]["shampoo"]["steps_to_target"] is None  # median of (20, inf)
+    assert "not reached" in report.markdown_table(s | {"metric": "loss"})
+
+
+def test_time_to_target_and_median_helpers() -> None:
+    c = curve("a", 1.0, 0, [5, 4, 3, 2])
+    assert report.time_to_target(c, 3.0, False) == (20.0, 10.0)
+    assert report.time_to_target(c, 1.0, False) == (math.inf, math.inf)
+    assert report.median([1.0, math.nan, 3.0]) == 3.0  # nan ranks worst
+    assert report.median([1.0, math.nan, 3.0], higher_is_better=True) == 1.0
+
+
+def test_schedule_and_lr_grid() -> None:
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(100, 100, 10) == pytest.approx(0.1)
+    grid = cli.parse_lr_grid(["1e-3,2e-3", "sgd=0.1"], ["shampoo", "adamw", "sgd"], TASKS["image"])
+    assert grid == {"shampoo": [1e-3, 2e-3], "adamw": [1e-3, 2e-3], "sgd": [0.1]}
+    assert cli.parse_lr_grid([], ["adamw"], TASKS["lm"]) == {"adamw": [TASKS["lm"].lrs["adamw"]]}
+
+
+# --------------------------------------------------------------------------- tiny real runs
+def _installed(task: str) -> None:
+    """Skip when the data package is genuinely not installed (no override of where data is looked for)."""
+    try:
+        data.require(task)
+    except data.MissingData as e:
+        pytest.skip(f"data not installed: {e.install}")
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_tiny_compare_writes_well_formed_results(task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(data.DATA_ROOT_ENV, raising=False)
+    _installed(task)
+    args = ["compare", "--task", task, "--tiny", "--steps", "4", "--eval-every", "2", "--quiet", "--out", str(tmp_path)]
+    if task == "lm":  # the lr search with a second seed at the best lr
+        args += ["--seeds", "2", "--tune-seeds", "1", "--lr-grid", "1e-3,3e-3"]
+    assert cli.main(args) == 0
+
+    with (tmp_path / "runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["task", "optimizer", "lr", "seed", "step", "seconds", "train_loss", "eval_metric"]
+    opts = TASKS[task].optimizers
+    runs = {(r["optimizer"], r["lr"], r["seed"]) for r in rows}
+    assert len(runs) == (2 * len(opts) + len(opts) if task == "lm" else len(opts))
+    assert sorted(int(r["step"]) for r in rows) == sorted([0, 2, 4] * len(runs))  # evaluations at 0, 2, 4
+    for r in rows:
+        assert r["task"] == task and math.isfinite(float(r["eval_metric"])) and float(r["seconds"]) >= 0
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    meta, s = summary["meta"], summary["tasks"][task]
+    assert meta["threads"] >= 1 and meta["torch"] == torch.__version__ and meta["device"].startswith("cpu")
+    assert set(s["optimizers"]) == set(opts) and s["steps"] == 4 and s["target"] is not None
+    for o in s["optimizers"].values():
+        assert {"best_lr", "final_median", "steps_to_target", "seconds_to_target", "reached"} <= set(o)
+    assert (tmp_path / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| optimizer | best lr |" in (tmp_path / "summary.md").read_text()
+
+
+def test_same_model_and_data_order_for_every_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before its first root, Shampoo with Adam grafting is AdamW: same seed → the same curve."""
+    monkeypatch.delenv(data.DATA_ROOT_ENV, raising=False)
+    _installed("lm")
+    a = run(TASKS["lm"], "adamw", 1e-3, 7, 6, tiny=True, eval_every=3)
+    b = run(TASKS["lm"], "shampoo", 1e-3, 7, 6, tiny=True, eval_every=3)
+    assert [p.eval_metric for p in a] == pytest.approx([p.eval_metric for p in b], rel=1e-5)
+    c = run(TASKS["lm"], "adamw", 1e-3, 8, 6, tiny=True, eval_every=3)
+    assert [p.eval_metric for p in c] != [p.eval_metric for p in a]
+
+
+# --------------------------------------------------------------------------- missing data
+@pytest.mark.parametrize("task", list(TASKS))
+def test_missing_data_names_the_install_command(
+    task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(data.DATA_ROOT_ENV, str(tmp_path))  # an empty folder: nothing is installed there
+    out = tmp_path / "out"
+    assert cli.main(["--task", task, "--tiny", "--steps", "2", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert data.INSTALL[task] in err and "not installed" in err
+    assert not (out / "summary.json").exists()
