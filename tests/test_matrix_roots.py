@@ -179,3 +179,24 @@ def test_eigh_and_newton_building_blocks():
 def test_p_must_be_a_positive_integer():
     with pytest.raises(ValueError, match="p must be a positive integer, got 0"):
         inverse_root(torch.eye(2), 0)
+
+
+def test_fallback_chain_order():
+    from scalable_shampoo.matrix_roots import RootMethod, fallback_chain
+
+    names = [c[0] for c in fallback_chain(RootMethod.NEWTON, torch.float32, 1e-6, 2)]
+    assert names == ["newton/fp32", "eigh/fp32", "eigh/fp64", "eigh/fp64/eps×1e1", "eigh/fp64/eps×1e2"]
+    assert [c[0] for c in fallback_chain(RootMethod.EIGH, torch.float64, 1e-6, 0)] == ["eigh/fp64"]
+
+
+def test_fp32_failure_falls_back_to_fp64_then_to_larger_eps():
+    a = spd(32, 1e12).float()
+    res = inverse_root(a, 4, method="newton", max_residual=1e-3)
+    assert bool(res.ok) and res.stages[int(res.stage)] == "eigh/fp64"
+    # A matrix that is indefinite by rounding under a negligible absolute ε:
+    # only a larger ε gives an acceptable root.
+    v = torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
+    b = (v @ v.T).float()
+    res = inverse_root(b, 2, eps=1e-12, relative_eps=False, method="eigh", retries=8, max_residual=1e-2)
+    assert bool(res.ok) and "eps×" in res.stages[int(res.stage)]
+    assert float(res.residual) <= 1e-2 and float(res.eps) > 1e-12

@@ -246,7 +246,7 @@ def test_roots_are_recomputed_on_schedule_and_exponent_override_is_used():
     expected = inverse_root(snapshot, 2, eps=1e-6, method="eigh")
     torch.testing.assert_close(opt.state[w]["root.0.0"], expected.root)
     assert float(opt.state[w]["root_info.0.0"][3]) == pytest.approx(float(expected.eps))
-    assert opt.state[w]["root_method.0.0"] == "eigh"
+    assert opt.state[w]["root_method.0.0"] == "eigh/fp32"
 
 
 def test_a_rejected_root_keeps_the_previous_one_and_is_counted():

@@ -25,6 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "RootMethod",
+    "fallback_chain",
     "RootResult",
     "coupled_newton_inverse_root",
     "eigh_inverse_root",
@@ -53,8 +54,9 @@ class RootResult:
     """Roots of a batch of matrices, with what is needed to judge them.
 
     ``root``: ``[..., n, n]``; the other fields are ``[...]``.
-    ``ok`` is False where the root is non-finite, its residual is over the
-    threshold, or the matrix was zero under a relative ε (nothing to invert).
+    ``ok`` is False where no stage of the fallback chain gave a finite root with
+    a residual under the threshold, or the matrix was zero under a relative ε
+    (nothing to invert); ``stage`` indexes ``stages``, -1 where ``ok`` is False.
     """
 
     root: Tensor
@@ -62,6 +64,8 @@ class RootResult:
     eps: Tensor
     lambda_max: Tensor
     ok: Tensor
+    stage: Tensor
+    stages: tuple[str, ...]
 
 
 def _eye_like(a: Tensor) -> Tensor:
@@ -111,9 +115,7 @@ def eigh_inverse_root(a_damped: Tensor, p: float, eps: Tensor) -> Tensor:
     return (q * lam.pow(-1.0 / p).unsqueeze(-2)) @ q.transpose(-1, -2)
 
 
-def coupled_newton_inverse_root(
-    a_damped: Tensor, p: int, max_iters: int = 100, tol: float = 1e-6
-) -> Tensor:
+def coupled_newton_inverse_root(a_damped: Tensor, p: int, max_iters: int = 100, tol: float = 1e-6) -> Tensor:
     """``A_d^(-1/p)`` by the coupled Newton iteration (Guo & Higham 2006).
 
     z = (1+p)/(2‖A_d‖_F), M₀ = z·A_d, X₀ = z^(1/p)·I; then
@@ -160,6 +162,29 @@ def _one_attempt(
     return root, residual, eps_eff, lam_max
 
 
+def fallback_chain(
+    method: RootMethod, dtype: torch.dtype, eps: float, retries: int
+) -> list[tuple[str, RootMethod, torch.dtype, float]]:
+    """The documented order of attempts: (name, method, dtype, ε).
+
+    The chosen method in the chosen precision; then eigh in that precision
+    (if the first was Newton); then eigh in fp64; then eigh in fp64 with ε×10,
+    ×100, … (``retries`` times). A matrix that fails every stage keeps its
+    previous root.
+    """
+
+    def name(m: RootMethod, d: torch.dtype, k: int) -> str:
+        return f"{m.value}/{'fp64' if d == torch.float64 else 'fp32'}" + (f"/eps×1e{k}" if k else "")
+
+    stages = [(method, dtype, 0)]
+    if method is RootMethod.NEWTON:
+        stages.append((RootMethod.EIGH, dtype, 0))
+    if dtype != torch.float64:
+        stages.append((RootMethod.EIGH, torch.float64, 0))
+    stages += [(RootMethod.EIGH, torch.float64, k) for k in range(1, retries + 1)]
+    return [(name(m, d, k), m, d, eps * 10.0**k) for m, d, k in stages]
+
+
 def inverse_root(
     a: Tensor,
     p: int,
@@ -173,36 +198,42 @@ def inverse_root(
     newton_max_iters: int = 100,
     newton_tol: float | None = None,
 ) -> RootResult:
-    """``(A + ε_eff·I)^(-1/p)`` for a batch of PSD matrices, judged and retried.
+    """``(A + ε_eff·I)^(-1/p)`` for a batch of PSD matrices, judged, with fallbacks.
 
     The computation runs in ``dtype`` (default: the input's) and the root is
     returned in the input's dtype. A root that is non-finite or whose residual
-    exceeds ``max_residual`` is retried with ε×10, up to ``retries`` times;
-    ``ok`` reports what still failed after that. The Newton tolerance defaults
-    to 1e-6 in fp32 and 1e-12 in fp64.
+    exceeds ``max_residual`` goes down :func:`fallback_chain`; ``stage`` tells
+    which stage each matrix's root came from (-1: none, ``ok`` is False). The
+    Newton tolerance defaults to 1e-6 in fp32 and 1e-12 in fp64.
     """
     if p < 1 or int(p) != p:
         raise ValueError(f"p must be a positive integer, got {p!r}")
-    method = RootMethod(method).resolve(a.device)
-    work = a.to(dtype or a.dtype)
-    if newton_tol is None:
-        newton_tol = 1e-12 if work.dtype == torch.float64 else 1e-6
-    root, residual, eps_eff, lam_max = _one_attempt(
-        work, p, eps, relative_eps, method, newton_max_iters, newton_tol
-    )
-    zero = (lam_max <= 0) if relative_eps else torch.zeros_like(lam_max, dtype=torch.bool)
-
-    def failed() -> Tensor:
-        return ~torch.isfinite(residual) | (residual > max_residual) | zero
-
-    for attempt in range(1, retries + 1):
-        bad = failed() & ~zero
-        if not bool(bad.any()):
+    chain = fallback_chain(RootMethod(method).resolve(a.device), dtype or a.dtype, eps, retries)
+    batch, n = a.shape[:-2], a.shape[-1]
+    flat = a.reshape(-1, n, n)
+    root = torch.full_like(flat, float("nan"))
+    residual = torch.full(flat.shape[:1], float("inf"), dtype=torch.float64, device=a.device)
+    eps_eff = torch.zeros_like(residual)
+    lam_max = max_eigenvalue(flat.to(dtype or a.dtype)).double()
+    stage = torch.full(flat.shape[:1], -1, dtype=torch.int64, device=a.device)
+    todo = torch.isfinite(lam_max) & ((lam_max > 0) if relative_eps else torch.ones_like(lam_max, dtype=torch.bool))
+    for i, (_, m, d, e) in enumerate(chain):
+        if not bool(todo.any()):
             break
-        r2, res2, e2, _ = _one_attempt(
-            work[bad], p, eps * 10.0**attempt, relative_eps, method, newton_max_iters, newton_tol
-        )
-        root, residual, eps_eff = root.clone(), residual.clone(), eps_eff.clone()
-        root[bad], residual[bad], eps_eff[bad] = r2, res2, e2
-    ok = ~failed() & torch.isfinite(root).all(-1).all(-1)
-    return RootResult(root.to(a.dtype), residual, eps_eff, lam_max, ok)
+        tol = newton_tol if newton_tol is not None else (1e-12 if d == torch.float64 else 1e-6)
+        idx = todo.nonzero().squeeze(1)
+        r, res, e_eff, _ = _one_attempt(flat[idx].to(d), p, e, relative_eps, m, newton_max_iters, tol)
+        good = torch.isfinite(res) & (res <= max_residual) & torch.isfinite(r).all(-1).all(-1)
+        residual[idx], eps_eff[idx] = res.double(), e_eff.double()
+        root[idx[good]] = r[good].to(a.dtype)
+        stage[idx[good]] = i
+        todo[idx[good]] = False
+    ok = stage >= 0
+    root, residual, eps_eff, lam_max = (
+        root.reshape(a.shape),
+        residual.reshape(batch),
+        eps_eff.reshape(batch),
+        lam_max.reshape(batch),
+    )
+    ok, stage = ok.reshape(batch), stage.reshape(batch)
+    return RootResult(root, residual, eps_eff, lam_max, ok, stage, tuple(c[0] for c in chain))

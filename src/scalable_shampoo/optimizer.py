@@ -305,7 +305,9 @@ class Shampoo(torch.optim.Optimizer):
                 key = f"stat.{b}.{a}"
                 if key not in state:
                     state[key] = torch.zeros(block.shape[a], block.shape[a], dtype=g.dtype, device=g.device)
-                state[key].mul_(beta2).add_(axis_statistic(gb, a), alpha=w)
+                stat, gg = state[key], axis_statistic(gb, a)
+                # an update that overflows fp32 (|G| ≳ 1e19) is dropped, never stored
+                stat.copy_(torch.where(torch.isfinite(gg).all(), stat * beta2 + w * gg, stat))
         return int(state["step"])
 
     def _due_roots(self, index: int, p: Tensor, group: dict[str, Any], step: int) -> list[RootJob]:
@@ -327,16 +329,62 @@ class Shampoo(torch.optim.Optimizer):
             index, b, a = out.key
             state = self.state[params[index]]
             info_key = f"root_info.{b}.{a}"
-            rejected = float(state[info_key][4]) if info_key in state else 0.0
+            old = state[info_key].tolist() if info_key in state else [0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+            rejected, installed = old[4], old[5]
             if out.ok:
                 state[f"root.{b}.{a}"] = out.root.clone()  # own storage, not a view of the batch
+                installed = out.step
+                state[f"root_method.{b}.{a}"] = out.method
             else:
-                rejected += 1
-            # [step computed, residual, λ_max, ε_eff, rejected roots so far]
+                rejected += 1  # the previous root, if any, stays in use
             state[info_key] = torch.tensor(
-                [out.step, out.residual, out.lambda_max, out.eps, rejected], dtype=torch.float64
+                [out.step, out.residual, out.lambda_max, out.eps, rejected, installed], dtype=torch.float64
             )
-            state[f"root_method.{b}.{a}"] = out.method
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Per-block health of the preconditioner. Reads CPU-side state only: no device sync.
+
+        Returns ``{"global_step", "skipped_steps", "blocks": [row, …]}`` with one
+        row per (parameter, block, axis) that keeps a statistic:
+
+        - ``param``, ``block``, ``axis``, ``dim``: which statistic (param index in
+          param_groups order), and its size;
+        - ``step``: the parameter's step now; ``has_root``: whether a root is installed;
+        - ``root_step``: the step whose statistic the installed root came from, and
+          ``staleness = step − root_step``;
+        - ``last_attempt_step``, ``residual`` (max|X^p·(L+εI) − I|), ``lambda_max``,
+          ``eps`` (ε_eff): of the most recent root computation, accepted or not;
+        - ``rejected``: roots rejected so far; ``method``: the fallback stage that
+          produced the installed root (e.g. ``"eigh/fp32"``).
+        """
+        rows = []
+        index = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                state = self.state.get(p)
+                if not state:
+                    continue
+                step = int(state["step"])
+                for b, block in enumerate(self.plan(p, group).blocks):
+                    for a in block.axes:
+                        row: dict[str, Any] = dict(
+                            param=index, block=b, axis=a, dim=block.shape[a], step=step,
+                            has_root=f"root.{b}.{a}" in state, root_step=None, staleness=None,
+                            last_attempt_step=None, residual=None, lambda_max=None, eps=None, rejected=0,
+                            method=state.get(f"root_method.{b}.{a}"),
+                        )  # fmt: skip
+                        info = state.get(f"root_info.{b}.{a}")
+                        if info is not None:
+                            last, residual, lam, eps, rejected, installed = info.tolist()
+                            row.update(
+                                last_attempt_step=int(last), residual=residual, lambda_max=lam, eps=eps,
+                                rejected=int(rejected),
+                            )  # fmt: skip
+                            if installed >= 0:
+                                row.update(root_step=int(installed), staleness=step - int(installed))
+                        rows.append(row)
+        return {"global_step": self.global_step, "skipped_steps": self.skipped_steps, "blocks": rows}
 
     def _direction(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> Tensor:
         state, plan = self.state[p], self.plan(p, group)
@@ -363,8 +411,10 @@ class Shampoo(torch.optim.Optimizer):
             if not block.axes or len(roots) < len(block.axes):
                 ob.copy_(db)  # no roots yet: the grafting update
                 continue
-            pre = precondition(xb, roots)
-            if kind is not GraftingType.NONE:  # P ← P·‖D‖/‖P‖
+            if kind is GraftingType.NONE:
+                pre = precondition(xb, roots)
+            else:  # P ← P·‖D‖/‖P‖ (Ĝ pre-scaled by its max: the same P, with no overflow)
+                pre = precondition(xb / xb.abs().amax().clamp_min(tiny), roots)
                 pre = pre * (torch.linalg.vector_norm(db) / torch.linalg.vector_norm(pre).clamp_min(tiny))
             ob.copy_(pre)
         return out
