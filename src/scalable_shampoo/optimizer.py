@@ -38,6 +38,7 @@ class NonFiniteGrad(str, Enum):
     """What a step does when any gradient holds a NaN or an Inf."""
 
     SKIP = "skip"  # skip the whole step, touch no state, count it in ``skipped_steps``
+    # (a gradient whose square overflows the state dtype, |g| ≥ 1.8e19 in fp32, counts too)
     RAISE = "raise"  # raise FloatingPointError naming the parameter; nothing is changed
 
 
@@ -241,14 +242,20 @@ class Shampoo(torch.optim.Optimizer):
         return out
 
     def _grads_finite(self, params: list[tuple[int, dict[str, Any], Tensor]]) -> bool:
+        """True unless a gradient is NaN/Inf, or so large that its square overflows the state dtype."""
+
+        def fine(p: Tensor) -> Tensor:
+            assert p.grad is not None
+            limit = torch.finfo(self._state_dtype(p)).max ** 0.5  # 1.8e19 in fp32
+            return p.grad.abs().amax() < limit  # False for NaN and Inf too
+
         flags: dict[torch.device, list[Tensor]] = {}
         for _, _, p in params:
-            assert p.grad is not None
-            flags.setdefault(p.grad.device, []).append(torch.isfinite(p.grad).all())
+            flags.setdefault(p.device, []).append(fine(p))
         if all(bool(torch.stack(f).all()) for f in flags.values()):  # one host sync per device
             return True
         if self.nonfinite_grad is NonFiniteGrad.RAISE:
-            first = next(i for i, _, p in params if not bool(torch.isfinite(p.grad).all()))  # type: ignore[arg-type]
+            first = next(i for i, _, p in params if not bool(fine(p)))
             raise FloatingPointError(f"non-finite gradient in parameter {first}; no state was changed")
         return False
 
