@@ -4,7 +4,7 @@ from .background import InlineRoots, RootScheduler
 from .grafting import GraftingType
 from .matrix_roots import RootMethod, inverse_root
 from .optimizer import NonFiniteGrad, Shampoo
-from .state import FORMAT_VERSION
+from .state import FORMAT_VERSION, atomic_save
 
 __all__ = [
     "FORMAT_VERSION",
@@ -14,6 +14,7 @@ __all__ = [
     "RootMethod",
     "RootScheduler",
     "Shampoo",
+    "atomic_save",
     "inverse_root",
 ]
 __version__ = "0.1.0"

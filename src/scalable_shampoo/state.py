@@ -28,6 +28,8 @@ bf16 parameters. The hooks here put back each tensor exactly as it was saved.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +38,7 @@ import torch
 if TYPE_CHECKING:
     from .optimizer import Shampoo
 
-__all__ = ["FORMAT_VERSION", "TOP_KEY", "StateCodec"]
+__all__ = ["FORMAT_VERSION", "TOP_KEY", "StateCodec", "atomic_save"]
 
 FORMAT_VERSION = 1
 TOP_KEY = "scalable_shampoo"
@@ -111,3 +113,19 @@ class StateCodec:
         opt.skipped_steps = int(meta["skipped_steps"])
         opt.scheduler.load_state_dict(meta["scheduler"])
 
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` that a kill can't corrupt: write a temporary file beside
+    ``path``, flush it to disk, then rename it over ``path`` in one step."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
