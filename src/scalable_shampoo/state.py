@@ -88,6 +88,12 @@ class StateCodec:
             plan = opt.plan(p, {**group, "params": [p]})
             expected = {f"stat.{b}.{a}": (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes}
             expected |= {k: tuple(p.shape) for k in ("exp_avg", "graft_acc", "momentum_buffer")}
+            missing = [k for k in expected if k.startswith("stat.") and k not in state]
+            if state and ("step" not in state or missing):
+                raise ValueError(
+                    f"state_dict is missing {'step' if 'step' not in state else missing[0]!r} "
+                    f"for parameter {pid} of shape {tuple(p.shape)}"
+                )
             for k, v in state.items():
                 if torch.is_tensor(v) and (k in expected or k.startswith("stat.")):
                     if tuple(v.shape) != expected.get(k):
