@@ -37,7 +37,10 @@ CASES = ["rank1", "zero", "cond1e12", "huge", "overflow", "tiny", "alternating"]
 def stress(kind: str, lr_override: float = 1e-2, **kw):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 8, generator=g).requires_grad_()
-    opt = Shampoo([w], lr=lr_override, weight_decay=0.0 if lr_override == 0 else 0.01, precondition_frequency=2, start_preconditioning_step=2, **kw)
+    opt = Shampoo(
+        [w], lr=lr_override, weight_decay=0.0 if lr_override == 0 else 0.01,
+        precondition_frequency=2, start_preconditioning_step=2, **kw,
+    )  # fmt: skip
     for step in range(12):
         w.grad = structured(kind, step, g)
         opt.step()
