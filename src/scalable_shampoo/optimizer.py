@@ -22,10 +22,12 @@ from enum import Enum
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
 from .blocks import BlockPlan, block_views, make_plan
+from .distributed import DistributedRoots
 from .grafting import GraftingType, graft_direction
 from .kronecker import axis_statistic, precondition
 from .matrix_roots import RootMethod
@@ -90,6 +92,11 @@ class Shampoo(torch.optim.Optimizer):
             ε×10 up to ``root_retries`` times and then rejected (the previous root stays).
         nonfinite_grad: ``"skip"`` (default) or ``"raise"``, see :class:`NonFiniteGrad`.
         scheduler: where roots are computed; default inline (:class:`InlineRoots`).
+        process_group: under data parallelism, the ranks that split the root work
+            (:class:`~scalable_shampoo.distributed.DistributedRoots`). ``"default"``:
+            the default group when torch.distributed is initialised with more than
+            one rank; ``None``: every rank computes every root. The statistics must be
+            identical on every rank of the group (averaged gradients, as with DDP).
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class Shampoo(torch.optim.Optimizer):
         root_retries: int = 3,
         nonfinite_grad: NonFiniteGrad | str = NonFiniteGrad.SKIP,
         scheduler: RootScheduler | None = None,
+        process_group: Any = "default",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -147,6 +155,10 @@ class Shampoo(torch.optim.Optimizer):
         )
         self.nonfinite_grad = NonFiniteGrad(_enum_value(NonFiniteGrad, "nonfinite_grad", nonfinite_grad))
         self.scheduler: RootScheduler = scheduler if scheduler is not None else InlineRoots()
+        if process_group == "default":
+            process_group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        if process_group is not None and dist.get_world_size(process_group) > 1:
+            self.scheduler = DistributedRoots(self.scheduler, process_group)
         self.global_step = 0  # steps taken (skipped steps not counted)
         self.skipped_steps = 0
         super().__init__(params, defaults)
