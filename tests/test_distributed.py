@@ -131,3 +131,33 @@ def test_assign_owners_is_deterministic_and_balanced():
     assert assign_owners([4, 4], 5) == [0, 1]  # more ranks than jobs: the rest own nothing
     assert assign_owners([], 3) == []
     assert assign_owners([8, 512, 8, 8], 2) == [1, 0, 1, 1]  # cost is n³, not a job count
+
+
+def fsdp_worker(rank, world, init_file, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
+    init(rank, world, init_file)
+    model, ref = build(), build()
+    for layer in (model.emb, model.a, model.b):
+        fully_shard(layer)
+    fully_shard(model)
+    assert type(model.a.weight).__name__ == "DTensor"
+    opt = Shampoo(groups(model), **FAST)
+    ref_opt = Shampoo(groups(ref), process_group=None, **FAST)
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        idx, y = torch.randint(0, 40, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(idx), y).backward()  # FSDP2 reduce-scatters the gradients
+        for p, q in zip(model.parameters(), ref.parameters()):
+            q.grad = p.grad.full_tensor()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p.full_tensor(), q)  # sharded Shampoo is lossless
+    assert any(k.startswith("root.") for k in opt.state[model.a.weight])
+    dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_parameters_equal_unsharded_shampoo_bitwise(tmp_path):
+    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)

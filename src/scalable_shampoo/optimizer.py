@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
 from .blocks import BlockPlan, block_views, make_plan
@@ -34,6 +35,11 @@ from .matrix_roots import RootMethod
 from .state import StateCodec
 
 __all__ = ["NonFiniteGrad", "Shampoo"]
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor: a sharded (FSDP2/DTensor) one is gathered, others pass through."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class NonFiniteGrad(str, Enum):
@@ -241,7 +247,8 @@ class Shampoo(torch.optim.Optimizer):
             newton_tol=1e-12 if group["root_dtype"] == torch.float64 else 1e-6,
         )
 
-    def _params_with_grad(self) -> list[tuple[int, dict[str, Any], Tensor]]:
+    def _params_with_grad(self) -> list[tuple[int, dict[str, Any], Tensor, Tensor]]:
+        """(index, group, parameter, full gradient) of every parameter with a gradient."""
         out = []
         index = 0
         for group in self.param_groups:
@@ -249,25 +256,24 @@ class Shampoo(torch.optim.Optimizer):
                 if p.grad is not None and p.numel() > 0:
                     if p.grad.is_sparse:
                         raise ValueError(f"sparse gradients are not supported (parameter {index})")
-                    out.append((index, group, p))
+                    out.append((index, group, p, _full(p.grad)))
                 index += 1
         return out
 
-    def _grads_finite(self, params: list[tuple[int, dict[str, Any], Tensor]]) -> bool:
+    def _grads_finite(self, params: list[tuple[int, dict[str, Any], Tensor, Tensor]]) -> bool:
         """True unless a gradient is NaN/Inf, or so large that its square overflows the state dtype."""
 
-        def fine(p: Tensor) -> Tensor:
-            assert p.grad is not None
+        def fine(p: Tensor, grad: Tensor) -> Tensor:
             limit = torch.finfo(self._state_dtype(p)).max ** 0.5  # 1.8e19 in fp32
-            return p.grad.abs().amax() < limit  # False for NaN and Inf too
+            return grad.abs().amax() < limit  # False for NaN and Inf too
 
         flags: dict[torch.device, list[Tensor]] = {}
-        for _, _, p in params:
-            flags.setdefault(p.device, []).append(fine(p))
+        for _, _, p, grad in params:
+            flags.setdefault(grad.device, []).append(fine(p, grad))
         if all(bool(torch.stack(f).all()) for f in flags.values()):  # one host sync per device
             return True
         if self.nonfinite_grad is NonFiniteGrad.RAISE:
-            first = next(i for i, _, p in params if not bool(fine(p)))
+            first = next(i for i, _, p, grad in params if not bool(fine(p, grad)))
             raise FloatingPointError(f"non-finite gradient in parameter {first}; no state was changed")
         return False
 
@@ -286,8 +292,8 @@ class Shampoo(torch.optim.Optimizer):
 
         jobs: list[RootJob] = []
         grads = []
-        for index, group, p in params:
-            g = self._gradient(p, group)
+        for index, group, p, grad in params:
+            g = self._gradient(p, grad, group)
             # L_i ← β₂·L_i + w·G₍ᵢ₎G₍ᵢ₎ᵀ, per block and axis
             step = self._update_statistics(p, g, group)
             # every N steps: roots (collected here, computed by the scheduler)
@@ -297,18 +303,17 @@ class Shampoo(torch.optim.Optimizer):
         # roots L^(-1/p): inline, or results of earlier background jobs that apply now
         self._install_roots(self.scheduler.run(self.global_step, jobs))
 
-        for (_, group, p), g in zip(params, grads):
+        for (_, group, p, _), g in zip(params, grads):
             # P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖graft(Ĝ)‖/‖P‖
             direction = self._direction(p, g, group)
             # B ← μB + P;  W ← W(1 − lr·λ) − lr·P
             self._apply_update(p, direction, group)
         return loss
 
-    def _gradient(self, p: Tensor, group: dict[str, Any]) -> Tensor:
-        assert p.grad is not None
-        g = p.grad.to(self._state_dtype(p))
+    def _gradient(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+        g = grad.to(self._state_dtype(p))
         if group["weight_decay"] and not group["decoupled_weight_decay"]:
-            g = g.add(p.to(g.dtype), alpha=group["weight_decay"])  # L2: G ← G + λW
+            g = g.add(_full(p).to(g.dtype), alpha=group["weight_decay"])  # L2: G ← G + λW
         return g
 
     def _update_statistics(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> int:
@@ -448,10 +453,13 @@ class Shampoo(torch.optim.Optimizer):
             else:
                 buf.mul_(mu).add_(direction)
             direction = direction.add(buf, alpha=mu) if group["nesterov"] else buf
+        direction = direction.to(p.dtype)
+        if isinstance(p, DTensor):  # this rank's shard of the full update, no communication
+            direction = distribute_tensor(direction, p.device_mesh, p.placements, src_data_rank=None)
         lr, wd = group["lr"], group["weight_decay"]
         if wd and group["decoupled_weight_decay"]:  # W ← W(1 − lr·λ)
             p.mul_(1 - lr * wd)
-        p.add_(direction.to(p.dtype), alpha=-lr)  # W ← W − lr·P
+        p.add_(direction, alpha=-lr)  # W ← W − lr·P
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
