@@ -28,16 +28,21 @@ as :class:`RootExchangeError` naming the step; resume from the last checkpoint
 
 from __future__ import annotations
 
+import io
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from .background import InlineRoots, Key, RootJob, RootOptions, RootOutcome, RootScheduler
 from .matrix_roots import RootMethod, fallback_chain
 
-__all__ = ["DistributedRoots", "RootExchangeError", "assign_owners"]
+__all__ = ["DistributedRoots", "RootExchangeError", "assign_owners", "load_checkpoint", "save_checkpoint"]
 
 _META = 4  # float64 per job: residual, ε_eff, λ_max, fallback stage (-1: rejected)
 
@@ -154,20 +159,40 @@ class DistributedRoots:
         return outcomes
 
     def state_dict(self) -> dict[str, Any]:
+        """The inner scheduler's state, plus the jobs every rank still expects (inline: none)."""
         due = [
             {**asdict(d), "key": list(d.key), "options": {**asdict(d.options), "method": d.options.method.value},
              "apply": apply}
             for apply, records in self._due.items() for d in records
         ]  # fmt: skip
-        return {"inner": self.inner.state_dict(), "due": due}
+        return {**self.inner.state_dict(), "distributed_due": due}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state["inner"])
+        self.inner.load_state_dict({k: v for k, v in state.items() if k != "distributed_due"})
         self._due = {}
-        for r in state["due"]:
+        for r in state.get("distributed_due", []):
             options = RootOptions(**{**r["options"], "method": RootMethod(r["options"]["method"])})
             d = _Due(tuple(r["key"]), r["step"], r["n"], r["dtype"], options, r["owner"])
             self._due.setdefault(r["apply"], []).append(d)
 
     def close(self) -> None:
         self.inner.close()
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Save with ``torch.distributed.checkpoint``: the model as DCP shards (FSDP2 or
+    DDP), the optimizer's state, identical on every rank, as one object. Call on
+    every rank; a checkpoint saved at one world size loads at any other."""
+    buf = io.BytesIO()
+    torch.save(optimizer.state_dict(), buf)
+    buf.seek(0)
+    dcp.save({"model": get_model_state_dict(model), "optimizer": buf}, checkpoint_id=path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load what :func:`save_checkpoint` wrote, resharding the model to this world size."""
+    state: dict[str, Any] = {"model": get_model_state_dict(model), "optimizer": io.BytesIO()}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    state["optimizer"].seek(0)
+    optimizer.load_state_dict(torch.load(state["optimizer"], weights_only=True))
