@@ -8,6 +8,7 @@ shampoo-bench step-time …         the optimizer's step time alone (benchmarks.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shampoo-bench [compare]",
         description="Train the same model on the same data order, seeds and schedule (linear warm-up, "
         "cosine decay) with each optimizer; write runs.csv, summary.json, summary.md and one PNG per task.",
-        epilog="Also: 'shampoo-bench step-time --help' (the optimizer step alone). "
+        epilog="Also: 'shampoo-bench report --help' (merge compare runs), "
+        "'shampoo-bench step-time --help' (the optimizer step alone). "
         "With no arguments: the lm task, Shampoo vs AdamW, about 5 minutes on 2 CPU cores.",
     )
     p.add_argument("--task", default="lm", help=f"comma-separated, or 'all': {', '.join(TASKS)} (default lm)")
@@ -68,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="training steps per run (default: the task's budget)")
     budget.add_argument("--epochs", type=float, help="training epochs per run, instead of --steps")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..K-1 per optimizer and lr (default 1)")
+    p.add_argument("--seeds", type=int, default=1, help="how many seeds per optimizer and lr (default 1)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are S..S+K-1 (default 0)")
     p.add_argument(
         "--tune-seeds",
         type=int,
@@ -151,7 +154,7 @@ class Progress:
 def compare_task(task: Task, args: argparse.Namespace, out: Path) -> list[Point]:
     """Every run of one task, interleaved (A B A B …), appended to out/runs.csv as each finishes."""
     optimizers, grid, steps = _plan(task, args)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     tune = seeds[: args.tune_seeds] if args.tune_seeds else seeds
     rest = [s for s in seeds if s not in tune]
     width = max(len(v) for v in grid.values())
@@ -210,32 +213,87 @@ def compare(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs.csv").unlink(missing_ok=True)
     meta = describe(device, args.threads) | {"command": shlex.join(["shampoo-bench", *args.argv])}
-    summaries: dict[str, dict[str, Any]] = {}
+    results: dict[str, list[Point]] = {}
+    grids: dict[str, tuple[dict[str, list[float]], int]] = {}
     monitor = CpuMonitor()
     for task in tasks:
         optimizers, grid, steps = _plan(task, args)
-        points = compare_task(task, args, out)
-        summary = report.summarize(points, task.higher_is_better)
-        summaries[task.name] = {
-            "task": task.name,
-            "description": task.description,
-            "metric": task.metric,
-            "steps": steps,
-            "seeds": args.seeds,
-            "tune_seeds": args.tune_seeds or args.seeds,
-            "lr_grid": {o: grid[o] for o in optimizers},
-            **summary,
-        }
-        report.plot(out / f"{task.name}.png", points, summaries[task.name])
+        grids[task.name] = ({o: grid[o] for o in optimizers}, steps)
+        results[task.name] = compare_task(task, args, out)
     load = monitor.stop()
     meta |= {"other_cpu_cores": load["other_cores"], "own_cpu_cores": load["own_cores"], "wall_s": load["wall_s"]}
+    summaries = {
+        name: task_summary(TASKS[name], pts, grids[name][1], grids[name][0], args.tune_seeds or args.seeds)
+        for name, pts in results.items()
+    }
+    finish(out, results, summaries, meta)
+    return 0
+
+
+def task_summary(
+    task: Task, points: list[Point], steps: int, grid: dict[str, list[float]], tune_seeds: int | None
+) -> dict[str, Any]:
+    return {
+        "task": task.name,
+        "description": task.description,
+        "metric": task.metric,
+        "steps": steps,
+        "seeds": sorted({p.seed for p in points}),
+        "tune_seeds": tune_seeds,
+        "lr_grid": grid,
+        **report.summarize(points, task.higher_is_better),
+    }
+
+
+def finish(out: Path, results: dict[str, list[Point]], summaries: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write summary.json, summary.md and one PNG per task, and print the tables."""
+    for name, pts in results.items():
+        report.plot(out / f"{name}.png", pts, summaries[name])
     report.write_json(out / "summary.json", {"meta": meta, "tasks": summaries})
     (out / "summary.md").write_text(report.markdown(summaries, meta))
     for name, s in summaries.items():
         print(f"\n{name}: {s['description']}")
         print(f"target = {s['reference']}'s median final {s['metric']} at its best lr = {s['target']}")
         print(report.markdown_table(s))
-    print(f"\n{meta['device']}, {args.threads} thread(s), torch {meta['torch']}; wrote {out}/")
+    print(f"\n{meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}; wrote {out}/")
+
+
+def merge(argv: Sequence[str]) -> int:
+    """``shampoo-bench report``: one summary of several compare runs (say, one per seed, run side by side)."""
+    p = argparse.ArgumentParser(
+        prog="shampoo-bench report",
+        description="Summarize the runs.csv of several 'compare' runs as one (their summary.json "
+        "beside them gives the machine details). Writes runs.csv, summary.json, summary.md and PNGs.",
+    )
+    p.add_argument("inputs", nargs="+", help="runs.csv files, or folders holding one")
+    p.add_argument("--out", required=True, help="output folder")
+    args = p.parse_args(argv)
+    points: list[Point] = []
+    metas: list[dict[str, Any]] = []
+    for x in args.inputs:
+        path = Path(x) / "runs.csv" if Path(x).is_dir() else Path(x)
+        points += report.read_csv(path)
+        if (path.parent / "summary.json").exists():
+            metas.append(json.loads((path.parent / "summary.json").read_text())["meta"])
+    seen = [(q.task, q.optimizer, q.lr, q.seed) for q in points if q.step == 0]
+    if len(seen) != len(set(seen)):
+        raise SystemExit("the same run (task, optimizer, lr, seed) is in more than one input")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_csv(out / "runs.csv", points)
+    results: dict[str, list[Point]] = {}
+    for q in points:
+        results.setdefault(q.task, []).append(q)
+    summaries = {}
+    for name, pts in results.items():
+        grid = {o: sorted({q.lr for q in pts if q.optimizer == o}) for o in dict.fromkeys(q.optimizer for q in pts)}
+        summaries[name] = task_summary(TASKS[name], pts, max(q.step for q in pts), grid, None)
+    meta = dict(metas[0]) if metas else {"torch": "?", "device": "?", "threads": "?"}
+    for key in ("command", "other_cpu_cores", "own_cpu_cores", "wall_s", "threads", "library_sha256"):
+        values = [m.get(key) for m in metas]
+        meta[key] = values[0] if len(set(map(str, values))) == 1 else values
+    meta["merged_by"] = shlex.join(["shampoo-bench", "report", *argv])
+    finish(out, results, summaries, meta)
     return 0
 
 
@@ -245,10 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import step_time  # imported only when asked for
 
         return int(step_time.main(argv[1:]) or 0)
+    if argv[:1] == ["report"]:
+        return merge(argv[1:])
     if argv[:1] == ["compare"]:
         argv = argv[1:]
     elif argv and not argv[0].startswith("-"):
-        print(f"shampoo-bench: unknown command {argv[0]!r}; use 'compare' or 'step-time'", file=sys.stderr)
+        print(f"shampoo-bench: unknown command {argv[0]!r}; use 'compare', 'report' or 'step-time'", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
     args.argv = argv

@@ -5,6 +5,7 @@ Definitions (also in RESULTS.md):
 * a run's *final* metric is its last evaluation (a run that diverged has none: it ranks last);
 * an optimizer's *best lr* is the lr with the best median final metric over the seeds that
   every lr of that optimizer was run with;
+* *median* over seeds: for an even number of seeds, the worse of the two middle values;
 * the *target* is the reference optimizer's (AdamW's) median final metric at its best lr;
 * *steps / seconds to target*: the first evaluation at which a run's metric is at least as
   good as the target; the median over seeds at the optimizer's best lr, a run that never
@@ -56,17 +57,10 @@ def time_to_target(curve: Sequence[Point], target: float, higher_is_better: bool
 
 
 def median(values: Iterable[float], higher_is_better: bool = False) -> float:
-    """The median, with nan (a diverged run) ranked worst."""
+    """The median, with nan (a diverged run) ranked worst; of an even number, the worse middle value
+    (so that at least half of the runs are as good as the median)."""
     vals = sorted(values, key=lambda v: _key(v, higher_is_better))
-    if not vals:
-        return math.nan
-    mid = len(vals) // 2
-    if len(vals) % 2:
-        return vals[mid]
-    a, b = vals[mid - 1], vals[mid]
-    if math.isnan(a) or math.isnan(b):
-        return math.nan
-    return (a + b) / 2
+    return vals[len(vals) // 2] if vals else math.nan
 
 
 def curves(points: Iterable[Point]) -> dict[tuple[str, float, int], list[Point]]:
@@ -187,10 +181,12 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 def markdown(summaries: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     out = ["# shampoo-bench results", ""]
+    commands = meta["command"] if isinstance(meta["command"], list) else [meta["command"]]
     out.append(
         f"torch {meta['torch']}, device {meta['device']}, {meta['threads']} thread(s); "
-        f"other processes used {meta['other_cpu_cores']} cores on average. Command: `{meta['command']}`"
+        f"other processes used {meta.get('other_cpu_cores')} cores on average. Commands:"
     )
+    out += [""] + [f"    {c}" for c in commands + ([meta["merged_by"]] if "merged_by" in meta else [])]
     for task, s in summaries.items():
         out += [
             "",

@@ -101,7 +101,7 @@ def build_lm(tiny: bool, device: torch.device) -> Problem:
         return F.cross_entropy(m(x).flatten(0, 1), y.flatten())
 
     val_gen = torch.Generator().manual_seed(1234)
-    val_starts = torch.randint(0, len(corpus.val) - ctx - 1, ((2 if tiny else 8) * batch,), generator=val_gen)
+    val_starts = torch.randint(0, len(corpus.val) - ctx - 1, ((2 if tiny else 6) * batch,), generator=val_gen)
 
     def evaluate(m: nn.Module) -> float:
         chunks = (windows(corpus.val, val_starts[s]) for s in _chunks(len(val_starts), batch))
@@ -276,8 +276,8 @@ TASKS: dict[str, Task] = {
         False,
         build_lm,
         _per_epoch(lambda t: len(_corpus(t, data.cache_key()).train), lambda t: 16 * 4 if t else 128 * 32),
-        default_steps=300,
-        eval_every=25,
+        default_steps=200,
+        eval_every=20,
         weight_decay=0.01,
         lrs={"shampoo": 3e-3, "adamw": 3e-3},
     ),
