@@ -146,3 +146,34 @@ def test_missing_data_names_the_install_command(
     err = capsys.readouterr().err
     assert data.INSTALL[task] in err and "not installed" in err
     assert not (out / "summary.json").exists()
+
+
+# --------------------------------------------------------------------------- the command line
+def test_no_arguments_is_the_lm_job() -> None:
+    args = cli.build_parser().parse_args([])
+    optimizers, grid, steps = cli._plan(TASKS["lm"], args)
+    assert (args.task, args.seeds, args.threads, args.out) == ("lm", 1, cli.DEFAULT_THREADS, cli.DEFAULT_OUT)
+    assert optimizers == ["shampoo", "adamw"] and steps == TASKS["lm"].default_steps
+    assert all(len(v) == 1 for v in grid.values())
+
+
+def test_report_merges_runs_made_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(data.DATA_ROOT_ENV, raising=False)
+    _installed("lm")
+    common = ["--task", "lm", "--tiny", "--steps", "2", "--eval-every", "1", "--quiet", "--optimizers", "adamw"]
+    for seed in (0, 1):
+        assert cli.main([*common, "--first-seed", str(seed), "--out", str(tmp_path / f"s{seed}")]) == 0
+    assert cli.main(["report", str(tmp_path / "s0"), str(tmp_path / "s1" / "runs.csv"), "--out", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["tasks"]["lm"]["seeds"] == [0, 1] and len(s["meta"]["command"]) == 2
+    assert (tmp_path / "lm.png").exists() and len(report.read_csv(tmp_path / "runs.csv")) == 2 * 3
+    with pytest.raises(SystemExit):  # the same run twice
+        cli.main(["report", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "x")])
+
+
+def test_unknown_command_and_step_time_wiring(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["nonsense"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["step-time", "--help"])
+    assert e.value.code == 0
