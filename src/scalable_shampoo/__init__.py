@@ -1,6 +1,6 @@
 """scalable-shampoo: Shampoo (Anil et al., arXiv 2002.09018) for PyTorch."""
 
-from .background import InlineRoots, RootScheduler
+from .background import BackgroundRoots, InlineRoots, RootScheduler
 from .grafting import GraftingType
 from .matrix_roots import RootMethod, inverse_root
 from .optimizer import NonFiniteGrad, Shampoo
@@ -9,6 +9,7 @@ from .state import FORMAT_VERSION, atomic_save
 __all__ = [
     "FORMAT_VERSION",
     "GraftingType",
+    "BackgroundRoots",
     "InlineRoots",
     "NonFiniteGrad",
     "RootMethod",

@@ -20,15 +20,20 @@ whatever the scheduler returns (paper §3–4, the Lingvo design):
 
   Results for a key always apply in submission order.
 
-**Threads or a process.** ``workers="process"`` (the default) runs each worker
-in its own spawned process with ``num_threads`` torch/OpenMP threads (default
-1, ``OMP_WAIT_POLICY=passive``) and, by default, a lower CPU priority
-(``nice``), so a root never shares an OpenMP team with the training thread.
-``workers="thread"`` runs the computation on daemon threads of this process:
-no start-up cost (a process takes ~1–2 s to import torch), but the worker's
-eigh/matmul then run under the process-wide MKL/OpenMP settings and compete with
-the training thread's OpenMP team. On a 2-core CPU the process was faster end to
-end; see ``benchmarks/background_time.py`` and the README for the measurement.
+**Threads or a process.** ``workers="thread"`` (the default) runs the
+computation on daemon threads of this process (torch ops release the GIL; the
+worker uses the process's torch thread count, so set it, e.g. 1 on 2 cores).
+``workers="process"`` runs each worker in a spawned process with ``num_threads``
+torch/OpenMP threads (``OMP_WAIT_POLICY=passive``) and an optional ``nice``; it
+costs ~2 s of start-up (importing torch) and pickles each snapshot and root.
+Measured on the shared 2-core CPU (``python -m benchmarks.background_time``:
+4×Linear(512), eigh roots every 20 steps, 80 steps, 1 torch thread, medians of 3
+interleaved repeats while other processes used ~85% of the CPU), end-to-end time
+relative to inline: latency/thread 0.82, latency/process 1.14,
+deterministic/thread 0.98, deterministic/process 1.34; max step 0.68 s (thread)
+vs 1.6 s (process) vs 3.2 s (inline). A worker process is scheduled apart
+from the training thread and so fell behind and made steps wait at the
+staleness bound; threads were faster, hence the default.
 
 **CUDA parameters.** ``cuda="host"`` (default): the snapshot is copied into
 pinned host memory with a ``non_blocking`` copy, the worker waits for that copy's
@@ -309,13 +314,17 @@ class _ProcessRunner:
                     else:
                         os.environ[k] = v
         child.close()
+        self.busy = False
 
     def __call__(self, jobs: list[RootJob]) -> list[RootOutcome]:
+        self.busy = True
         try:
             self.conn.send_bytes(pickle.dumps(jobs))
             status, *rest = pickle.loads(self.conn.recv_bytes())
         except (EOFError, OSError) as exc:
             raise RuntimeError(f"the root worker process stopped (exit code {self.process.exitcode})") from exc
+        finally:
+            self.busy = False
         if status == "err":
             error, tb = rest
             raise error from RuntimeError(f"in the root worker process:\n{tb}")
@@ -323,12 +332,13 @@ class _ProcessRunner:
         return outcomes
 
     def stop(self, timeout: float) -> None:
+        """Let an idle process exit; kill one that is computing (its result would be dropped)."""
         try:
             self.conn.send_bytes(b"")
         except (OSError, ValueError):
             pass
-        self.process.join(timeout)
-        if self.process.is_alive():  # stuck in a computation
+        self.process.join(0.05 if self.busy else timeout)
+        if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout)
         self.conn.close()
@@ -385,7 +395,7 @@ class BackgroundRoots:
         mode: ``"deterministic"`` (install at submit step + ``delay``) or ``"latency"``.
         delay: deterministic mode's delay in steps (≥ 0).
         max_staleness: latency mode installs a result at submit step + this at the latest.
-        workers: ``"process"`` (default, measured faster on a 2-core CPU) or ``"thread"``.
+        workers: ``"thread"`` (default, measured faster on a 2-core CPU) or ``"process"``.
         num_workers: how many threads or processes take jobs from the shared queue.
         num_threads: torch/OpenMP threads inside each worker process.
         nice: CPU priority increment of worker processes.
