@@ -46,7 +46,7 @@ class NonFiniteGrad(str, Enum):
     """What a step does when any gradient holds a NaN or an Inf."""
 
     SKIP = "skip"  # skip the whole step, touch no state, count it in ``skipped_steps``
-    # (a gradient whose square overflows the state dtype, |g| ≥ 1.8e19 in fp32, counts too)
+    # (so does a gradient whose statistics could overflow: max|g| ≥ √(max_float/numel))
     RAISE = "raise"  # raise FloatingPointError naming the parameter; nothing is changed
 
 
@@ -261,10 +261,14 @@ class Shampoo(torch.optim.Optimizer):
         return out
 
     def _grads_finite(self, params: list[tuple[int, dict[str, Any], Tensor, Tensor]]) -> bool:
-        """True unless a gradient is NaN/Inf, or so large that its square overflows the state dtype."""
+        """True unless a gradient is NaN/Inf, or so large that its statistics could overflow.
+
+        G₍ᵢ₎G₍ᵢ₎ᵀ sums at most numel(G) products, so max|G| < √(max_float/numel) keeps
+        every statistic and accumulator finite (1.8e16 for a million fp32 entries).
+        """
 
         def fine(p: Tensor, grad: Tensor) -> Tensor:
-            limit = torch.finfo(self._state_dtype(p)).max ** 0.5  # 1.8e19 in fp32
+            limit = (torch.finfo(self._state_dtype(p)).max / grad.numel()) ** 0.5
             return grad.abs().amax() < limit  # False for NaN and Inf too
 
         flags: dict[torch.device, list[Tensor]] = {}
@@ -329,9 +333,7 @@ class Shampoo(torch.optim.Optimizer):
                 key = f"stat.{b}.{a}"
                 if key not in state:
                     state[key] = torch.zeros(block.shape[a], block.shape[a], dtype=g.dtype, device=g.device)
-                stat, gg = state[key], axis_statistic(gb, a)
-                # an update that overflows fp32 (|G| ≳ 1e19) is dropped, never stored
-                stat.copy_(torch.where(torch.isfinite(gg).all(), stat * beta2 + w * gg, stat))
+                state[key].mul_(beta2).add_(axis_statistic(gb, a), alpha=w)
         return int(state["step"])
 
     def _due_roots(self, index: int, p: Tensor, group: dict[str, Any], step: int) -> list[RootJob]:
