@@ -15,6 +15,9 @@ adam                   v ← β₂v + (1−β₂)g²                          x 
 normalized_adagrad     as adagrad, g and x scaled per block to unit norm first
 normalized_rmsprop     as rmsprop, g and x scaled per block to unit norm first
 =====================  ==========================================  ==============================
+
+With β₂ = 1, RMSprop and Adam sum like AdaGrad (no bias correction), as the
+statistics do.
 """
 
 from __future__ import annotations
@@ -77,11 +80,11 @@ def graft_direction(
     assert accumulator is not None
     if kind.normalized:
         g, x = _normalize_blocks(g, plan), _normalize_blocks(x, plan)
-    if kind in (GraftingType.ADAGRAD, GraftingType.NORMALIZED_ADAGRAD):
-        accumulator.addcmul_(g, g)
+    if kind in (GraftingType.ADAGRAD, GraftingType.NORMALIZED_ADAGRAD) or beta2 == 1:
+        accumulator.addcmul_(g, g)  # a sum; β₂ = 1 means this for every method, as for the statistics
     else:
         accumulator.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = accumulator.sqrt()
-    if kind is GraftingType.ADAM:
+    if kind is GraftingType.ADAM and beta2 < 1:
         denom.div_((1 - beta2**step) ** 0.5)
     return x / denom.add_(eps)
