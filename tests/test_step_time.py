@@ -1,0 +1,47 @@
+"""Smoke test of benchmarks/step_time.py: it runs, and the JSON has what the report needs (no timing claims)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.step_time import main
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and x > 0
+
+
+def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
+    out = tmp_path / "step_time.json"
+    assert main(["--quick", "--out", str(out), "--threads", "1"]) == 0
+    res = json.loads(out.read_text())
+
+    assert {"meta", "gemm", "step_time", "end_to_end", "roots", "flop_bound", "load"} <= res.keys()
+    meta = res["meta"]
+    assert meta["threads"] == 1 and meta["quick"] is True and meta["device"] == "cpu"
+    assert meta["torch"] and "other_cores" in res["load"]
+
+    assert {r["model"] for r in res["step_time"]} == {"linear4", "transformer"}
+    for r in res["step_time"] + res["end_to_end"]:
+        assert r["measured_steps"] >= 2 * r["precondition_frequency"]
+        for opt in ("shampoo", "adamw"):
+            for k in ("median_ms", "mean_ms", "max_ms"):
+                assert _positive(r[opt][k]), (opt, k, r[opt][k])
+            assert len(r["raw_ms"][opt]) == r["measured_steps"]
+        assert r["shampoo"]["root_steps"] == 2  # two periods: two root recomputations timed
+        assert r["root_matrices"] > 0 and r["roots_rejected"] == 0
+        for k in ("ratio_median", "ratio_mean", "ratio_max"):
+            assert _positive(r[k])
+        assert "load" in r
+
+    for r in res["roots"]:
+        for k in ("eigh", "newton", "eigh_raw", "newton_raw"):
+            assert _positive(r[k]["median_ms"])
+        assert r["residual_eigh"] < 0.1 and r["residual_newton"] < 0.1
+        assert r["newton_iterations"] >= 1
+
+    assert all(_positive(g["gflops"]) for g in res["gemm"])
+    for r in res["flop_bound"]:
+        for k in ("step_gflop", "gemm_gflops", "bound_ms", "nonroot_median_over_bound"):
+            assert _positive(r[k])
