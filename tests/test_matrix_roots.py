@@ -146,15 +146,15 @@ def test_nonfinite_matrix_is_rejected():
 
 
 def test_bad_root_is_retried_with_larger_eps():
-    # A singular matrix under a negligible absolute ε: the first root is garbage,
-    # the retries raise ε ×10 per attempt until the residual is acceptable.
+    # A singular matrix under a negligible absolute ε and a strict residual bound:
+    # even fp64 can't meet it, the retries raise ε ×10 until the residual is acceptable.
     v = torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
     a = (v @ v.T).float()
-    res = inverse_root(a, 2, eps=1e-12, relative_eps=False, method="eigh", retries=20, max_residual=1e-2)
+    res = inverse_root(a, 2, eps=1e-12, relative_eps=False, method="eigh", retries=20, max_residual=1e-6)
     assert bool(res.ok)
     assert float(res.eps) > 1e-12
-    assert float(res.residual) <= 1e-2
-    res0 = inverse_root(a, 2, eps=1e-12, relative_eps=False, method="eigh", retries=0, max_residual=1e-2)
+    assert float(res.residual) <= 1e-6
+    res0 = inverse_root(a, 2, eps=1e-12, relative_eps=False, method="eigh", retries=0, max_residual=1e-6)
     assert not bool(res0.ok)
 
 
@@ -193,10 +193,21 @@ def test_fp32_failure_falls_back_to_fp64_then_to_larger_eps():
     a = spd(32, 1e12).float()
     res = inverse_root(a, 4, method="newton", max_residual=1e-3)
     assert bool(res.ok) and res.stages[int(res.stage)] == "eigh/fp64"
-    # A matrix that is indefinite by rounding under a negligible absolute ε:
+    # A singular matrix under a negligible absolute ε and a strict bound:
     # only a larger ε gives an acceptable root.
     v = torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
     b = (v @ v.T).float()
-    res = inverse_root(b, 2, eps=1e-12, relative_eps=False, method="eigh", retries=8, max_residual=1e-2)
+    res = inverse_root(b, 2, eps=1e-12, relative_eps=False, method="eigh", retries=8, max_residual=1e-6)
     assert bool(res.ok) and "eps×" in res.stages[int(res.stage)]
-    assert float(res.residual) <= 1e-2 and float(res.eps) > 1e-12
+    assert float(res.residual) <= 1e-6 and float(res.eps) > 1e-12
+
+
+def test_probe_residual_tracks_the_full_residual():
+    from scalable_shampoo.matrix_roots import _probes, probe_residual, root_residual
+
+    a = spd(32, 1e4)
+    good = inverse_root(a, 4, eps=1e-300, relative_eps=False).root
+    bad = good * 1.01
+    v = _probes(a)
+    assert probe_residual(good, a @ v, v, 4) < 1e-8 and root_residual(good, a, 4) < 1e-8
+    assert probe_residual(bad, a @ v, v, 4) > 0.03 and root_residual(bad, a, 4) > 0.03
