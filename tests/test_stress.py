@@ -5,31 +5,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.stress_report import gradient as structured  # the stress cases, shared with the report
 from scalable_shampoo import GraftingType, Shampoo
-
-
-def structured(kind: str, step: int, g: torch.Generator) -> torch.Tensor:
-    u = torch.randn(16, 1, generator=torch.Generator().manual_seed(1))
-    v = torch.randn(1, 8, generator=torch.Generator().manual_seed(2))
-    noise = torch.randn(16, 8, generator=g)
-    if kind == "rank1":
-        return u @ v * (1 + 0.1 * step)
-    if kind == "zero":
-        return torch.zeros(16, 8)
-    if kind == "cond1e12":  # singular values 1 … 1e-6: statistics conditioned up to 1e12
-        q, _ = torch.linalg.qr(noise)
-        r, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
-        return q * torch.logspace(0, -6, 8) @ r
-    if kind == "huge":  # just under the bound √(max_float/numel) ≈ 1.6e18 for 128 entries
-        return 1e17 * noise
-    if kind == "overflow":  # |g|² overflows fp32: the step is skipped like a NaN
-        return 1e30 * noise
-    if kind == "tiny":
-        return 1e-30 * noise
-    if kind == "alternating":
-        return noise * (1e17 if step % 2 else 1e-30)
-    raise AssertionError(kind)
-
 
 CASES = ["rank1", "zero", "cond1e12", "huge", "overflow", "tiny", "alternating"]
 
