@@ -288,10 +288,12 @@ def merge(argv: Sequence[str]) -> int:
     for name, pts in results.items():
         grid = {o: sorted({q.lr for q in pts if q.optimizer == o}) for o in dict.fromkeys(q.optimizer for q in pts)}
         summaries[name] = task_summary(TASKS[name], pts, max(q.step for q in pts), grid, None)
-    meta = dict(metas[0]) if metas else {"torch": "?", "device": "?", "threads": "?"}
-    for key in ("command", "other_cpu_cores", "own_cpu_cores", "wall_s", "threads", "library_sha256"):
-        values = [m.get(key) for m in metas]
-        meta[key] = values[0] if len(set(map(str, values))) == 1 else values
+    meta: dict[str, Any] = {"torch": "?", "device": "?", "threads": "?", "command": []}
+    if metas:  # a value the inputs disagree on is kept as the list of all of them
+        meta = dict(metas[0])
+        for key in ("command", "other_cpu_cores", "own_cpu_cores", "wall_s", "threads", "library_sha256"):
+            values = [m.get(key) for m in metas]
+            meta[key] = values[0] if len(set(map(str, values))) == 1 else values
     meta["merged_by"] = shlex.join(["shampoo-bench", "report", *argv])
     finish(out, results, summaries, meta)
     return 0

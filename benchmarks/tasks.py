@@ -43,7 +43,7 @@ class Task:
     default_steps: int  # the full budget
     eval_every: int
     weight_decay: float
-    lrs: dict[str, float]  # the default lr of each optimizer (the best of our grid)
+    lrs: dict[str, float]  # each optimizer's default lr: lm's is the best of the grid in RESULTS.md; others untuned
     optimizers: tuple[str, ...] = ("shampoo", "adamw")
 
 
