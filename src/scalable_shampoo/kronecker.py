@@ -4,6 +4,9 @@ For a block G of order k, axis i keeps ``H_i = G₍ᵢ₎·G₍ᵢ₎ᵀ`` where
 mode-i unfolding; a matrix G has ``H_0 = G·Gᵀ`` (L) and ``H_1 = Gᵀ·G`` (R).
 Preconditioning contracts G with ``H_i^(-1/p)`` along every preconditioned axis:
 ``L^(-1/p)·G·R^(-1/p)`` for a matrix.
+
+The ``stacked_*`` functions do the same for a stack ``[B, *block]`` of equal
+blocks with ``[B, n, n]`` stacks of statistics and roots (batched matmuls).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["axis_statistic", "precondition"]
+__all__ = ["axis_statistic", "precondition", "stacked_precondition", "stacked_unfolding"]
 
 
 def axis_statistic(g: Tensor, axis: int) -> Tensor:
@@ -36,4 +39,28 @@ def precondition(g: Tensor, roots: Mapping[int, Tensor]) -> Tensor:
     for axis in range(g.dim()):
         root = roots.get(axis)
         x = torch.tensordot(x, root, dims=([0], [0])) if root is not None else x.movedim(0, -1)
+    return x
+
+
+def stacked_unfolding(g: Tensor, axis: int) -> Tensor:
+    """``G₍ᵢ₎`` of every block of a stack ``[B, *block]``, as ``[B, n_i, rest]``.
+
+    ``U @ Uᵀ`` (``torch.baddbmm``) is then ``axis_statistic`` of every block.
+    """
+    if g.dim() == 3 and axis == 1:
+        return g.mT  # a view: Gᵀ of each block
+    return g.movedim(axis + 1, 1).reshape(g.shape[0], g.shape[axis + 1], -1)
+
+
+def stacked_precondition(g: Tensor, roots: Mapping[int, Tensor]) -> Tensor:
+    """``precondition`` of every block of a stack ``[B, *block]`` by root stacks ``[B, n, n]``."""
+    if g.dim() == 3 and len(roots) == 2:
+        return torch.bmm(torch.bmm(roots[0], g), roots[1])
+    x = g
+    for axis in range(g.dim() - 1):
+        x = x.movedim(1, -1)  # the axis to contract goes last: [B, rest…, n]
+        root = roots.get(axis)
+        if root is not None:
+            shape = x.shape
+            x = torch.bmm(x.reshape(shape[0], -1, shape[-1]), root).view(shape)
     return x

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
 from .blocks import BlockPlan, block_views, make_plan
+from .buckets import Buckets
 from .distributed import DistributedRoots
 from .grafting import GraftingType, graft_direction
 from .kronecker import axis_statistic, precondition
@@ -35,6 +36,8 @@ from .matrix_roots import RootMethod
 from .state import StateCodec
 
 __all__ = ["NonFiniteGrad", "Shampoo"]
+
+ParamGrad = tuple[int, dict[str, Any], Tensor, Tensor]  # (index, group, parameter, full gradient)
 
 
 def _full(t: Tensor) -> Tensor:
@@ -94,8 +97,9 @@ class Shampoo(torch.optim.Optimizer):
             unless ``matrix_eps_relative=False``.
         root_method: ``"auto"`` (eigh on CPU, coupled Newton on GPU), ``"eigh"`` or ``"newton"``.
         root_dtype: ``torch.float32`` or ``torch.float64``, the precision of root computation.
-        max_root_residual: a root with ``max|X^p·A_d − I|`` above this is retried with
-            ε×10 up to ``root_retries`` times and then rejected (the previous root stays).
+        max_root_residual: a root whose residual (``max|X^p·A·V − V|`` on probe vectors V)
+            is above this goes down the fallback chain (eigh, fp64, then ε×10 up to
+            ``root_retries`` times) and is then rejected (the previous root stays).
         nonfinite_grad: ``"skip"`` (default) or ``"raise"``, see :class:`NonFiniteGrad`.
         scheduler: where roots are computed; default inline (:class:`InlineRoots`).
         process_group: under data parallelism, the ranks that split the root work
@@ -103,6 +107,9 @@ class Shampoo(torch.optim.Optimizer):
             the default group when torch.distributed is initialised with more than
             one rank; ``None``: every rank computes every root. The statistics must be
             identical on every rank of the group (averaged gradients, as with DDP).
+        batched: process the blocks of equal shape of all parameters together, as
+            stacked tensors and batched matmuls (``buckets.py``); ``False`` is the
+            plain per-block loop, the reference it is tested against.
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class Shampoo(torch.optim.Optimizer):
         nonfinite_grad: NonFiniteGrad | str = NonFiniteGrad.SKIP,
         scheduler: RootScheduler | None = None,
         process_group: Any = "default",
+        batched: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -167,12 +175,16 @@ class Shampoo(torch.optim.Optimizer):
             self.scheduler = DistributedRoots(self.scheduler, process_group)
         self.global_step = 0  # steps taken (skipped steps not counted)
         self.skipped_steps = 0
+        self.batched = bool(batched)
+        self._buckets = Buckets()  # stacked blocks; state entries are views of them
         super().__init__(params, defaults)
         StateCodec.attach(self)
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        if hasattr(self, "_buckets"):
+            self._buckets.invalidate()
         group = self.param_groups[-1]
         try:
             self._validate(group)
@@ -247,7 +259,11 @@ class Shampoo(torch.optim.Optimizer):
             newton_tol=1e-12 if group["root_dtype"] == torch.float64 else 1e-6,
         )
 
-    def _params_with_grad(self) -> list[tuple[int, dict[str, Any], Tensor, Tensor]]:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._buckets.invalidate()  # the loaded tensors are re-stacked at the next step
+
+    def _params_with_grad(self) -> list[ParamGrad]:
         """(index, group, parameter, full gradient) of every parameter with a gradient."""
         out = []
         index = 0
@@ -260,7 +276,7 @@ class Shampoo(torch.optim.Optimizer):
                 index += 1
         return out
 
-    def _grads_finite(self, params: list[tuple[int, dict[str, Any], Tensor, Tensor]]) -> bool:
+    def _grads_finite(self, params: list[ParamGrad]) -> bool:
         """True unless a gradient is NaN/Inf, or so large that its statistics could overflow.
 
         G₍ᵢ₎G₍ᵢ₎ᵀ sums at most numel(G) products, so max|G| < √(max_float/numel) keeps
@@ -294,22 +310,17 @@ class Shampoo(torch.optim.Optimizer):
             return loss
         self.global_step += 1
 
-        jobs: list[RootJob] = []
-        grads = []
-        for index, group, p, grad in params:
-            g = self._gradient(p, grad, group)
-            # L_i ← β₂·L_i + w·G₍ᵢ₎G₍ᵢ₎ᵀ, per block and axis
-            step = self._update_statistics(p, g, group)
-            # every N steps: roots (collected here, computed by the scheduler)
-            jobs += self._due_roots(index, p, group, step)
-            grads.append(g)
-
+        # G ← ∇W (+ λW with L2 weight decay)
+        grads = [self._gradient(p, grad, group) for _, group, p, grad in params]
+        # L_i ← β₂·L_i + w·G₍ᵢ₎G₍ᵢ₎ᵀ, per block and axis
+        steps = self._update_statistics(params, grads)
+        # every N steps: roots (collected here, computed by the scheduler)
+        jobs = [job for (i, group, p, _), t in zip(params, steps) for job in self._due_roots(i, p, group, t)]
         # roots L^(-1/p): inline, or results of earlier background jobs that apply now
         self._install_roots(self.scheduler.run(self.global_step, jobs))
-
-        for (_, group, p, _), g in zip(params, grads):
-            # P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖graft(Ĝ)‖/‖P‖
-            direction = self._direction(p, g, group)
+        # P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖graft(Ĝ)‖/‖P‖
+        directions = self._directions(params, grads)
+        for (_, group, p, _), direction in zip(params, directions):
             # B ← μB + P;  W ← W(1 − lr·λ) − lr·P
             self._apply_update(p, direction, group)
         return loss
@@ -320,11 +331,30 @@ class Shampoo(torch.optim.Optimizer):
             g = g.add(_full(p).to(g.dtype), alpha=group["weight_decay"])  # L2: G ← G + λW
         return g
 
-    def _update_statistics(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> int:
+    def _update_statistics(self, params: list[ParamGrad], grads: list[Tensor]) -> list[int]:
+        """Count each parameter's step and update its blocks' statistics; returns the steps."""
+        steps = []
+        for _, _, p, _ in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0, dtype=torch.int64)
+            state["step"] += 1
+            steps.append(int(state["step"]))
+        if self.batched:
+            entries = [
+                (p, self.plan(p, group), g.dtype, g.device,
+                 (tuple(group["betas"]), group["grafting"], group["exponent_override"]))
+                for (_, group, p, _), g in zip(params, grads)
+            ]  # fmt: skip
+            self._buckets.refresh(self.state, entries)
+            self._buckets.update_statistics(grads)
+        else:
+            for (_, group, p, _), g in zip(params, grads):
+                self._block_statistics(p, g, group)
+        return steps
+
+    def _block_statistics(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0, dtype=torch.int64)
-        state["step"] += 1
         beta2 = group["betas"][1]
         w = 1.0 if beta2 == 1 else 1.0 - beta2
         plan = self.plan(p, group)
@@ -334,7 +364,6 @@ class Shampoo(torch.optim.Optimizer):
                 if key not in state:
                     state[key] = torch.zeros(block.shape[a], block.shape[a], dtype=g.dtype, device=g.device)
                 state[key].mul_(beta2).add_(axis_statistic(gb, a), alpha=w)
-        return int(state["step"])
 
     def _due_roots(self, index: int, p: Tensor, group: dict[str, Any], step: int) -> list[RootJob]:
         start, every = group["start_preconditioning_step"], group["precondition_frequency"]
@@ -357,8 +386,9 @@ class Shampoo(torch.optim.Optimizer):
             info_key = f"root_info.{b}.{a}"
             old = state[info_key].tolist() if info_key in state else [0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
             rejected, installed = old[4], old[5]
-            if out.ok:
-                state[f"root.{b}.{a}"] = out.root.clone()  # own storage, not a view of the batch
+            if out.ok:  # into the bucket's stack when batched, else its own storage (not a view of the batch)
+                view = self._buckets.install_root(params[index], b, a, out.root) if self.batched else None
+                state[f"root.{b}.{a}"] = view if view is not None else out.root.clone()
                 installed = out.step
                 state[f"root_method.{b}.{a}"] = out.method
             else:
@@ -412,19 +442,43 @@ class Shampoo(torch.optim.Optimizer):
                         rows.append(row)
         return {"global_step": self.global_step, "skipped_steps": self.skipped_steps, "blocks": rows}
 
-    def _direction(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> Tensor:
+    def _directions(self, params: list[ParamGrad], grads: list[Tensor]) -> list[Tensor]:
+        """The grafted direction of every parameter (stacked per bucket when batched)."""
+        if not self.batched:
+            return [self._direction(p, g, group) for (_, group, p, _), g in zip(params, grads)]
+        xs, ds = [], []
+        for (_, group, p, _), g in zip(params, grads):
+            x, d = self._graft(p, g, group)
+            xs.append(x)
+            ds.append(d)
+        # contiguous, and never the gradient itself: the buckets write P into them
+        outs = [d.clone(memory_format=torch.contiguous_format) if d is g else d.contiguous() for d, g in zip(ds, grads)]
+        self._buckets.directions(grads, xs, ds, outs)
+        return outs
+
+    def _graft(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """(Ĝ, D): the filtered gradient and the grafting update, per parameter."""
         state, plan = self.state[p], self.plan(p, group)
         step = int(state["step"])
         beta1 = group["betas"][0]
         x = g
         if beta1 > 0:  # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ)
-            m = state.setdefault("exp_avg", torch.zeros_like(g))
+            if "exp_avg" not in state:  # (not setdefault: that would allocate zeros every step)
+                state["exp_avg"] = torch.zeros_like(g)
+            m = state["exp_avg"]
             m.lerp_(g, 1 - beta1)
             x = m / (1 - beta1**step)
         kind = GraftingType(group["grafting"])
-        acc = state.setdefault("graft_acc", torch.zeros_like(g)) if kind.has_accumulator else None
+        if kind.has_accumulator and "graft_acc" not in state:
+            state["graft_acc"] = torch.zeros_like(g)
+        acc = state.get("graft_acc") if kind.has_accumulator else None
         gb2 = group["grafting_beta2"] if group["grafting_beta2"] is not None else group["betas"][1]
-        d = graft_direction(kind, g, x, acc, step=step, beta2=gb2, eps=group["eps"], plan=plan)
+        return x, graft_direction(kind, g, x, acc, step=step, beta2=gb2, eps=group["eps"], plan=plan)
+
+    def _direction(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> Tensor:
+        state, plan = self.state[p], self.plan(p, group)
+        x, d = self._graft(p, g, group)
+        kind = GraftingType(group["grafting"])
         if not plan.preconditioned:
             return d
         x, d = x.contiguous(), d.contiguous()
