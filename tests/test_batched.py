@@ -173,14 +173,15 @@ def test_rejected_roots_keep_the_previous_ones():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
-def test_blocks_whose_first_roots_are_rejected_get_the_grafting_update():
-    # Param 1's roots are all rejected (huge residual bound only for group 0): its blocks
-    # have no roots, so the bucket mixes rows with and without roots.
+@pytest.mark.parametrize("grafting", [dict(), dict(grafting="sgd", betas=(0.0, 0.9)), dict(grafting="none")])
+def test_blocks_whose_first_roots_are_rejected_get_the_grafting_update(grafting):
+    # Param 1's roots are all rejected (an impossible residual bound in its group): its
+    # blocks have no roots, so the bucket mixes rows with and without roots.
     out = []
     for batched in (False, True):
         params = make_params([(8, 8), (8, 8)])
         groups = [{"params": [params[0]]}, {"params": [params[1]], "max_root_residual": 1e-300, "root_retries": 0}]
-        opt = Shampoo(groups, lr=0.01, block_size=4, batched=batched, **FAST)
+        opt = Shampoo(groups, lr=0.01, block_size=4, batched=batched, **FAST, **grafting)
         train(params, opt, 6)
         assert "root.0.0" in opt.state[params[0]] and "root.0.0" not in opt.state[params[1]]
         out.append(params)

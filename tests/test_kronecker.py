@@ -3,7 +3,7 @@ import functools
 import pytest
 import torch
 
-from scalable_shampoo.kronecker import axis_statistic, precondition
+from scalable_shampoo.kronecker import axis_statistic, precondition, stacked_precondition, stacked_unfolding
 
 SHAPES = [(5,), (4, 3), (3, 2, 4), (2, 3, 2, 3)]
 
@@ -47,3 +47,21 @@ def test_matrix_case_is_l_g_r():
     torch.testing.assert_close(precondition(g, {1: right}), g @ right)
     torch.testing.assert_close(axis_statistic(g, 0), g @ g.T)
     torch.testing.assert_close(axis_statistic(g, 1), g.T @ g)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("axes", ["all", "first"])
+def test_stacked_functions_equal_the_per_block_ones(shape, axes):
+    stack = torch.randn((3, *shape), dtype=torch.float64)
+    chosen = range(len(shape)) if axes == "all" else [0]
+    roots = {a: torch.stack([random_sym(shape[a], 10 * b + a) for b in range(3)]) for a in chosen}
+    for a in range(len(shape)):
+        u = stacked_unfolding(stack, a)
+        for b in range(3):
+            torch.testing.assert_close(u[b] @ u[b].T, axis_statistic(stack[b], a), rtol=1e-12, atol=1e-12)
+    work = (torch.empty_like(stack), torch.empty_like(stack))
+    for w in (None, work):
+        got = stacked_precondition(stack, roots, w)
+        for b in range(3):
+            expected = precondition(stack[b], {a: r[b] for a, r in roots.items()})
+            torch.testing.assert_close(got[b], expected, rtol=1e-12, atol=1e-12)

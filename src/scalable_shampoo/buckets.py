@@ -71,6 +71,7 @@ class Bucket:
         self.ready = 0  # rows with a root on every axis
         self._mask: Tensor | None = None
         self.g: Tensor | None = None  # this step's gathered gradient, between the two stages
+        self._work: dict[str, Tensor] = {}
 
     # ---------------------------------------------------------------- layout
     def build(self, state: Any) -> None:
@@ -123,9 +124,18 @@ class Bucket:
         return self._mask
 
     # ---------------------------------------------------------------- gather / scatter
-    def gather(self, tensors: list[Tensor]) -> Tensor:
-        """One ``[B, *block]`` stack of the members' blocks of ``tensors`` (indexed by ``pos``)."""
-        buf = torch.empty((self.rows, *self.shape), dtype=self.dtype, device=self.device)
+    def work(self, name: str) -> Tensor:
+        """A ``[B, *block]`` scratch stack. Kept from step to step on a CPU, where a fresh
+        large tensor costs page faults on every touch (more than the ops on it);
+        elsewhere the caching allocator already recycles memory."""
+        if self.device.type != "cpu":
+            return torch.empty((self.rows, *self.shape), dtype=self.dtype, device=self.device)
+        if name not in self._work:
+            self._work[name] = torch.empty((self.rows, *self.shape), dtype=self.dtype, device=self.device)
+        return self._work[name]
+
+    def gather(self, tensors: list[Tensor], buf: Tensor) -> Tensor:
+        """Fill ``buf`` with the ``[B, *block]`` stack of the members' blocks of ``tensors[pos]``."""
         dst, src = [], []
         for m in self.members:
             t = tensors[m.pos].contiguous()
@@ -158,7 +168,7 @@ class Bucket:
     # ---------------------------------------------------------------- the math
     def update_statistics(self, grads: list[Tensor]) -> None:
         """H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ for every block, one ``baddbmm`` per axis."""
-        self.g = g = self.gather(grads)
+        self.g = g = self.gather(grads, self.work("g"))
         for a in self.axes:
             u = stacked_unfolding(g, a)
             self.stats[a].baddbmm_(u, u.mT, beta=self.beta2, alpha=self.w)
@@ -168,19 +178,20 @@ class Bucket:
 
         Ĝ is pre-scaled by its max per block, as in the plain path: the same P, no overflow.
         """
+        work = (self.work("mid"), self.work("pre")) if self.device.type == "cpu" else None
         if not self.rescale:
-            pre = stacked_precondition(x, self.roots)
+            pre = stacked_precondition(x, self.roots, work)
         else:  # x and d are this step's gathered copies: x is scaled in place (d is kept)
-            x = x.clone() if x is d else x
+            d = self.work("d").copy_(x) if x is d else d
             dims = tuple(range(1, x.dim()))
             tiny = torch.finfo(x.dtype).tiny
             d_norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
             x_max = torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_())
-            pre = stacked_precondition(x.div_(x_max.clamp_min_(tiny)), self.roots)
+            pre = stacked_precondition(x.div_(x_max.clamp_min_(tiny)), self.roots, work)
             pre = pre.mul_(d_norm.div_(torch.linalg.vector_norm(pre, dim=dims, keepdim=True).clamp_min_(tiny)))
         if self.ready == self.rows:
             return pre
-        return torch.where(self.mask(), pre, d)
+        return torch.where(self.mask(), pre, d, out=pre)
 
 
 class Buckets:
@@ -240,6 +251,7 @@ class Buckets:
             if not bucket.ready:
                 continue
             same_x = all(xs[m.pos] is grads[m.pos] for m in bucket.members)
-            x = g if same_x and g is not None else bucket.gather(xs)
-            d = x if all(ds[m.pos] is xs[m.pos] for m in bucket.members) else bucket.gather(ds)
+            # x may take g's stack: the statistics are done with it
+            x = g if same_x and g is not None else bucket.gather(xs, bucket.work("g"))
+            d = x if all(ds[m.pos] is xs[m.pos] for m in bucket.members) else bucket.gather(ds, bucket.work("d"))
             bucket.scatter(bucket.direction(x, d), outs)

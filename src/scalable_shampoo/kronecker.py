@@ -52,10 +52,18 @@ def stacked_unfolding(g: Tensor, axis: int) -> Tensor:
     return g.movedim(axis + 1, 1).reshape(g.shape[0], g.shape[axis + 1], -1)
 
 
-def stacked_precondition(g: Tensor, roots: Mapping[int, Tensor]) -> Tensor:
-    """``precondition`` of every block of a stack ``[B, *block]`` by root stacks ``[B, n, n]``."""
+def stacked_precondition(
+    g: Tensor, roots: Mapping[int, Tensor], work: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """``precondition`` of every block of a stack ``[B, *block]`` by root stacks ``[B, n, n]``.
+
+    ``work``: two scratch stacks shaped like ``g`` (not ``g`` itself) that receive, for
+    a two-sided matrix block, ``R₀·G`` and the result, instead of new tensors.
+    """
     if g.dim() == 3 and len(roots) == 2:
-        return torch.bmm(torch.bmm(roots[0], g), roots[1])
+        if work is None:
+            return torch.bmm(torch.bmm(roots[0], g), roots[1])
+        return torch.bmm(torch.bmm(roots[0], g, out=work[0]), roots[1], out=work[1])
     x = g
     for axis in range(g.dim() - 1):
         x = x.movedim(1, -1)  # the axis to contract goes last: [B, rest…, n]

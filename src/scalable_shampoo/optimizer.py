@@ -13,6 +13,10 @@ One step, for every parameter and every block of it (see ``blocks.py``)::
 
 β₁ filters the gradient *before* it is preconditioned, so that with no roots
 Shampoo with Adam, AdaGrad or SGD grafting is exactly Adam(W), Adagrad or SGD.
+
+The per-block stages run either as a loop over blocks (``batched=False``, the
+reference) or stacked: equal blocks of all parameters as one tensor per bucket,
+with batched matmuls (``buckets.py``, the default).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .distributed import DistributedRoots
 from .grafting import GraftingType, graft_direction
 from .kronecker import axis_statistic, precondition
 from .matrix_roots import RootMethod
-from .state import StateCodec
+from .state import StateCodec, diagnostics
 
 __all__ = ["NonFiniteGrad", "Shampoo"]
 
@@ -413,34 +417,7 @@ class Shampoo(torch.optim.Optimizer):
         - ``rejected``: roots rejected so far; ``method``: the fallback stage that
           produced the installed root (e.g. ``"eigh/fp32"``).
         """
-        rows = []
-        index = -1
-        for group in self.param_groups:
-            for p in group["params"]:
-                index += 1
-                state = self.state.get(p)
-                if not state:
-                    continue
-                step = int(state["step"])
-                for b, block in enumerate(self.plan(p, group).blocks):
-                    for a in block.axes:
-                        row: dict[str, Any] = dict(
-                            param=index, block=b, axis=a, dim=block.shape[a], step=step,
-                            has_root=f"root.{b}.{a}" in state, root_step=None, staleness=None,
-                            last_attempt_step=None, residual=None, lambda_max=None, eps=None, rejected=0,
-                            method=state.get(f"root_method.{b}.{a}"),
-                        )  # fmt: skip
-                        info = state.get(f"root_info.{b}.{a}")
-                        if info is not None:
-                            last, residual, lam, eps, rejected, installed = info.tolist()
-                            row.update(
-                                last_attempt_step=int(last), residual=residual, lambda_max=lam, eps=eps,
-                                rejected=int(rejected),
-                            )  # fmt: skip
-                            if installed >= 0:
-                                row.update(root_step=int(installed), staleness=step - int(installed))
-                        rows.append(row)
-        return {"global_step": self.global_step, "skipped_steps": self.skipped_steps, "blocks": rows}
+        return diagnostics(self)
 
     def _directions(self, params: list[ParamGrad], grads: list[Tensor]) -> list[Tensor]:
         """The grafted direction of every parameter (stacked per bucket when batched)."""

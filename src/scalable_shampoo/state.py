@@ -18,6 +18,11 @@ key                         what
 ``root_method.{b}.{a}``     the fallback stage of the installed root, e.g. ``"eigh/fp32"``
 ==========================  ===================================================
 
+With ``Shampoo(batched=True)`` (the default) the ``stat.*`` and ``root.*`` tensors
+are views of per-bucket stacks ``[B, n, n]`` (``buckets.py``): ``torch.save`` stores
+each stack once, a loaded tensor gets its own storage, and the optimizer re-stacks
+them at its next step. The layout of a checkpoint does not depend on ``batched``.
+
 The top-level entry ``"scalable_shampoo"`` holds ``format_version``,
 ``global_step``, ``skipped_steps`` and the scheduler's pending results.
 
@@ -38,7 +43,7 @@ import torch
 if TYPE_CHECKING:
     from .optimizer import Shampoo
 
-__all__ = ["FORMAT_VERSION", "TOP_KEY", "StateCodec", "atomic_save"]
+__all__ = ["FORMAT_VERSION", "TOP_KEY", "StateCodec", "atomic_save", "diagnostics"]
 
 FORMAT_VERSION = 1
 TOP_KEY = "scalable_shampoo"
@@ -135,3 +140,35 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def diagnostics(opt: Shampoo) -> dict[str, Any]:
+    """The rows of :meth:`Shampoo.diagnostics`, from CPU-side state only."""
+    rows = []
+    index = -1
+    for group in opt.param_groups:
+        for p in group["params"]:
+            index += 1
+            state = opt.state.get(p)
+            if not state:
+                continue
+            step = int(state["step"])
+            for b, block in enumerate(opt.plan(p, group).blocks):
+                for a in block.axes:
+                    row: dict[str, Any] = dict(
+                        param=index, block=b, axis=a, dim=block.shape[a], step=step,
+                        has_root=f"root.{b}.{a}" in state, root_step=None, staleness=None,
+                        last_attempt_step=None, residual=None, lambda_max=None, eps=None, rejected=0,
+                        method=state.get(f"root_method.{b}.{a}"),
+                    )  # fmt: skip
+                    info = state.get(f"root_info.{b}.{a}")
+                    if info is not None:
+                        last, residual, lam, eps, rejected, installed = info.tolist()
+                        row.update(
+                            last_attempt_step=int(last), residual=residual, lambda_max=lam, eps=eps,
+                            rejected=int(rejected),
+                        )  # fmt: skip
+                        if installed >= 0:
+                            row.update(root_step=int(installed), staleness=step - int(installed))
+                    rows.append(row)
+    return {"global_step": opt.global_step, "skipped_steps": opt.skipped_steps, "blocks": rows}
