@@ -279,7 +279,7 @@ TASKS: dict[str, Task] = {
         default_steps=200,
         eval_every=20,
         weight_decay=0.01,
-        lrs={"shampoo": 3e-3, "adamw": 3e-3},
+        lrs={"shampoo": 6e-3, "adamw": 1.2e-2},
     ),
     "image": Task(
         "image",
