@@ -19,6 +19,7 @@ import torch
 
 from . import report
 from .data import MissingData, require
+from .diagnostics_log import DiagnosticsLog
 from .machine import CpuMonitor, describe
 from .optimizers import OPTIMIZERS
 from .tasks import TASKS, Task
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help=f"torch threads (default {DEFAULT_THREADS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", metavar="DIR", help="also log Shampoo's diagnostics to TensorBoard in DIR")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tiny data and models, for tests
     return p
 
@@ -161,6 +163,8 @@ def compare_task(task: Task, args: argparse.Namespace, out: Path) -> list[Point]
     first = [(o, grid[o][i], s) for s in tune for i in range(width) for o in optimizers if i < len(grid[o])]
     progress = Progress((len(first) + len(rest) * len(optimizers)) * steps, args.quiet)
     points: list[Point] = []
+    # Shampoo's per-block health at every evaluation: out/diagnostics.csv (+ TensorBoard)
+    diagnostics = DiagnosticsLog(str(out / "diagnostics.csv"), getattr(args, "tensorboard", None))
 
     def go(o: str, lr: float, seed: int) -> None:
         curve = run(
@@ -173,6 +177,7 @@ def compare_task(task: Task, args: argparse.Namespace, out: Path) -> list[Point]
             device=args.device,
             eval_every=args.eval_every,
             on_step=progress.run(f"{task.name} {o} lr={lr:g} seed={seed}"),
+            on_eval=lambda opt, step: diagnostics.log(opt, dict(task=task.name, optimizer=o, lr=lr, seed=seed), step),
         )
         report.write_csv(out / "runs.csv", curve, append=True)
         points.extend(curve)
@@ -192,6 +197,7 @@ def compare_task(task: Task, args: argparse.Namespace, out: Path) -> list[Point]
                     go(o, best[o], s)
     finally:
         progress.close()
+        diagnostics.close()
     return points
 
 

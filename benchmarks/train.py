@@ -38,6 +38,7 @@ def run(
     device: torch.device | str = "cpu",
     eval_every: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[torch.optim.Optimizer, int], None] | None = None,
 ) -> list[Point]:
     """Train ``task``'s model from seed ``seed`` for ``steps`` steps and return its curve.
 
@@ -80,6 +81,8 @@ def run(
             if step % every == 0 or step == steps:
                 curve.append(point(step, seconds, loss_sum / loss_count))
                 loss_sum, loss_count = 0.0, 0
+                if on_eval is not None:  # e.g. Shampoo's diagnostics, outside the timed region
+                    on_eval(opt, step)
     finally:
         close = getattr(opt, "close", None)
         if close is not None:

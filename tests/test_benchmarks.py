@@ -122,6 +122,9 @@ def test_tiny_compare_writes_well_formed_results(task: str, tmp_path: Path, monk
         assert {"best_lr", "final_median", "steps_to_target", "seconds_to_target", "reached"} <= set(o)
     assert (tmp_path / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| optimizer | best lr |" in (tmp_path / "summary.md").read_text()
+    with (tmp_path / "diagnostics.csv").open() as f:  # Shampoo's per-block health at each evaluation
+        diag = list(csv.DictReader(f))
+    assert diag and {r["optimizer"] for r in diag} == {"shampoo"} and {r["step"] for r in diag} == {"2", "4"}
 
 
 def test_same_model_and_data_order_for_every_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
