@@ -48,6 +48,14 @@ def init(rank, world, init_file):
     torch.set_num_threads(1)
 
 
+def finish():
+    """Leave the group together, then exit without Python's teardown: gloo's threads can
+    abort a process ("terminate called without an active exception") if a peer leaves first."""
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def scheduler(mode):
     if mode == "inline":
         return None, None
@@ -85,7 +93,7 @@ def ddp_worker(rank, world, init_file, mode, out_dir):
     )
     opt.close()
     ref_opt.close()
-    dist.destroy_process_group()
+    finish()
 
 
 @pytest.mark.parametrize("world,mode", [(2, "inline"), (3, "inline"), (2, "deterministic")])
@@ -157,7 +165,7 @@ def fsdp_worker(rank, world, init_file, out_dir):
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p.full_tensor(), q)  # sharded Shampoo is lossless
     assert any(k.startswith("root.") for k in opt.state[model.a.weight])
-    dist.destroy_process_group()
+    finish()
 
 
 def test_fsdp2_sharded_parameters_equal_unsharded_shampoo_bitwise(tmp_path):
@@ -203,7 +211,7 @@ def dcp_worker(rank, world, init_file, ckpt, phase, out):
         full = [p.full_tensor() for p in model.parameters()]
         if rank == 0:
             torch.save(full, out)
-    dist.destroy_process_group()
+    finish()
 
 
 def test_dcp_checkpoint_saved_at_world_2_resumes_at_world_1_and_3_bitwise(tmp_path):

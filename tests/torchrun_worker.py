@@ -52,6 +52,7 @@ def main() -> None:
                 os.replace(latest + ".tmp", latest)
     if rank == 0:
         torch.save([p.detach() for p in model.parameters()], out)
+    dist.barrier()  # leave together: a peer that leaves first can abort gloo's threads
     dist.destroy_process_group()
 
 
