@@ -412,7 +412,7 @@ class Shampoo(torch.optim.Optimizer):
         - ``step``: the parameter's step now; ``has_root``: whether a root is installed;
         - ``root_step``: the step whose statistic the installed root came from, and
           ``staleness = step − root_step``;
-        - ``last_attempt_step``, ``residual`` (max|X^p·(L+εI) − I|), ``lambda_max``,
+        - ``last_attempt_step``, ``residual`` (max|X^p·A·V − V| on probe vectors), ``lambda_max``,
           ``eps`` (ε_eff): of the most recent root computation, accepted or not;
         - ``rejected``: roots rejected so far; ``method``: the fallback stage that
           produced the installed root (e.g. ``"eigh/fp32"``).
