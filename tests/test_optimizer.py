@@ -336,3 +336,19 @@ def test_shampoo_trains_a_real_model_faster_than_its_grafting_alone():
         lambda ps: Shampoo(ps, lr=0.05, weight_decay=0, precondition_frequency=5, start_preconditioning_step=5)
     )
     assert shampoo < 0.5 * adam, (shampoo, adam)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_memory_report_counts_each_kind(batched):
+    w = torch.zeros(64, 32, requires_grad=True)
+    b = torch.zeros(32, requires_grad=True)
+    opt = Shampoo([w, b], momentum=0.9, block_size=32, batched=batched, **FAST)
+    for _ in range(3):
+        w.grad, b.grad = torch.randn(64, 32), torch.randn(32)
+        opt.step()
+    m = opt.memory()
+    assert m["parameters"] == (64 * 32 + 32) * 4
+    assert m["statistics"] == 2 * 2 * 32 * 32 * 4  # 2 blocks of 32×32, two 32×32 factors each
+    assert m["roots"] == m["statistics"]  # every block has its roots
+    assert m["first_moment"] == m["grafting"] == m["momentum"] == m["parameters"]
+    assert (m["scratch"] > 0) == batched

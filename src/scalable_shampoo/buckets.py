@@ -205,6 +205,10 @@ class Buckets:
     def invalidate(self) -> None:
         self.signature = None
 
+    def scratch(self) -> list[Tensor]:
+        """The scratch stacks kept between steps (for the memory report)."""
+        return [t for bucket in self.buckets for t in bucket._work.values()]
+
     def refresh(self, state: Any, entries: list[Entry]) -> None:
         """Rebuild the buckets unless ``entries`` (the parameters with a gradient) are unchanged."""
         signature = [(id(p), plan, dtype, device, hyper) for p, plan, dtype, device, hyper in entries]

@@ -37,7 +37,7 @@ from .distributed import DistributedRoots
 from .grafting import GraftingType, graft_direction
 from .kronecker import axis_statistic, precondition
 from .matrix_roots import RootMethod
-from .state import StateCodec, diagnostics
+from .state import StateCodec, diagnostics, memory
 
 __all__ = ["NonFiniteGrad", "Shampoo"]
 
@@ -418,6 +418,11 @@ class Shampoo(torch.optim.Optimizer):
           produced the installed root (e.g. ``"eigh/fp32"``).
         """
         return diagnostics(self)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of optimizer state by kind (statistics, roots, first_moment, grafting,
+        momentum, other, scratch) and the parameters' bytes, each storage counted once."""
+        return memory(self)
 
     def _directions(self, params: list[ParamGrad], grads: list[Tensor]) -> list[Tensor]:
         """The grafted direction of every parameter (stacked per bucket when batched)."""

@@ -172,3 +172,29 @@ def diagnostics(opt: Shampoo) -> dict[str, Any]:
                             row.update(root_step=int(installed), staleness=step - int(installed))
                     rows.append(row)
     return {"global_step": opt.global_step, "skipped_steps": opt.skipped_steps, "blocks": rows}
+
+
+_KINDS = {"stat.": "statistics", "root.": "roots", "exp_avg": "first_moment", "graft_acc": "grafting",
+          "momentum_buffer": "momentum"}  # fmt: skip
+
+
+def memory(opt: Shampoo) -> dict[str, int]:
+    """Bytes of optimizer state by kind, and the parameters' bytes, counting each storage once
+    (batched statistics and roots live in per-bucket stacks that the state entries view)."""
+    out = dict.fromkeys([*_KINDS.values(), "other", "scratch", "parameters"], 0)
+    seen: set[int] = set()
+
+    def add(kind: str, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            out[kind] += storage.nbytes()
+
+    for state in opt.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                add(next((kind for prefix, kind in _KINDS.items() if key.startswith(prefix)), "other"), value)
+    for scratch in opt._buckets.scratch():
+        add("scratch", scratch)
+    out["parameters"] = sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
+    return out
