@@ -222,7 +222,7 @@ def inverse_root(
     relative_eps: bool = True,
     method: RootMethod | str = RootMethod.AUTO,
     dtype: torch.dtype | None = None,
-    max_residual: float = 0.1,
+    max_residual: float = 0.5,
     retries: int = 3,
     newton_max_iters: int = 100,
     newton_tol: float | None = None,
