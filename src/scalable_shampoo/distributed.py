@@ -102,6 +102,7 @@ class DistributedRoots:
         self.delay = int(getattr(self.inner, "delay", 0))
         self._due: dict[int, list[_Due]] = {}  # apply step → every rank's jobs
         self.bytes_received = 0  # bytes this rank received, for the benchmark
+        self.device = torch.device("cpu")
 
     @property
     def world_size(self) -> int:
@@ -115,7 +116,8 @@ class DistributedRoots:
             self._due[step + self.delay] = [
                 _Due(j.key, j.step, j.matrix.shape[-1], j.matrix.dtype, j.options, o) for j, o in zip(jobs, owners)
             ]
-        self.device = jobs[0].matrix.device if jobs else getattr(self, "device", torch.device("cpu"))
+        if jobs:
+            self.device = jobs[0].matrix.device  # where the statistics live: the buffers go there
         mine = self.inner.run(step, [j for j, o in zip(jobs, owners) if o == rank])
         due = self._due.pop(step, None)
         if due is None:
