@@ -32,7 +32,8 @@ from .kronecker import stacked_precondition, stacked_unfolding
 
 __all__ = ["Bucket", "Buckets"]
 
-# what a parameter brings to the buckets: (p, plan, state dtype, device, (betas, grafting, exponent_override))
+# what a parameter brings to the buckets:
+# (p, plan, state dtype, device, (betas, grafting, exponent_override, root_storage_dtype))
 Entry = tuple[Tensor, BlockPlan, torch.dtype, torch.device, tuple[Any, ...]]
 
 
@@ -63,6 +64,7 @@ class Bucket:
         beta2 = hyper[0][1]
         self.beta2, self.w = beta2, 1.0 if beta2 == 1 else 1.0 - beta2
         self.rescale = hyper[1] != "none"  # grafting NONE keeps Shampoo's own scale
+        self.root_dtype = hyper[3] or dtype  # the roots' storage (root_storage_dtype)
         self.members: list[Member] = []
         self.rows = 0
         self.stats: dict[int, Tensor] = {}
@@ -80,7 +82,7 @@ class Bucket:
         for a in self.axes:
             n = self.shape[a]
             self.stats[a] = torch.zeros(self.rows, n, n, dtype=self.dtype, device=self.device)
-            self.roots[a] = torch.zeros(self.rows, n, n, dtype=self.dtype, device=self.device)
+            self.roots[a] = torch.zeros(self.rows, n, n, dtype=self.root_dtype, device=self.device)
             for m in self.members:
                 st = state[m.p]
                 for row, b in enumerate(m.blocks, m.lo):
@@ -179,15 +181,16 @@ class Bucket:
         Ĝ is pre-scaled by its max per block, as in the plain path: the same P, no overflow.
         """
         work = (self.work("mid"), self.work("pre")) if self.device.type == "cpu" else None
+        roots = {a: r.to(x.dtype) for a, r in self.roots.items()}  # the same tensors unless stored in bf16
         if not self.rescale:
-            pre = stacked_precondition(x, self.roots, work)
+            pre = stacked_precondition(x, roots, work)
         else:  # x and d are this step's gathered copies: x is scaled in place (d is kept)
             d = self.work("d").copy_(x) if x is d else d
             dims = tuple(range(1, x.dim()))
             tiny = torch.finfo(x.dtype).tiny
             d_norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
             x_max = torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_())
-            pre = stacked_precondition(x.div_(x_max.clamp_min_(tiny)), self.roots, work)
+            pre = stacked_precondition(x.div_(x_max.clamp_min_(tiny)), roots, work)
             pre = pre.mul_(d_norm.div_(torch.linalg.vector_norm(pre, dim=dims, keepdim=True).clamp_min_(tiny)))
         if self.ready == self.rows:
             return pre

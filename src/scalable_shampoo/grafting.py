@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .blocks import BlockPlan, block_views
 
-__all__ = ["GraftingType", "graft_direction"]
+__all__ = ["GraftingType", "graft_directions"]
 
 
 class GraftingType(str, Enum):
@@ -59,32 +59,36 @@ def _normalize_blocks(t: Tensor, plan: BlockPlan) -> Tensor:
     return out
 
 
-def graft_direction(
+def graft_directions(
     kind: GraftingType,
-    g: Tensor,
-    x: Tensor,
-    accumulator: Tensor | None,
+    gs: list[Tensor],
+    xs: list[Tensor],
+    accumulators: list[Tensor],
     *,
-    step: int,
+    steps: list[int],
     beta2: float,
     eps: float,
-    plan: BlockPlan,
-) -> Tensor:
-    """Update ``accumulator`` in place from ``g`` and return the grafting direction for ``x``.
+    plans: list[BlockPlan],
+) -> list[Tensor]:
+    """Update the ``accumulators`` in place from ``gs``; return the grafting directions for ``xs``.
 
-    ``g`` is this step's gradient, ``x`` the (possibly momentum-filtered)
-    gradient that is being preconditioned; both are left unchanged.
+    One fused ``torch._foreach_*`` op per line of the table above, over all the
+    parameters of one param group (same device and dtype). ``gs`` are this step's
+    gradients, ``xs`` the (possibly momentum-filtered) gradients being
+    preconditioned; both are left unchanged. ``steps`` are the parameters' step counts.
     """
     if not kind.has_accumulator:
-        return x
-    assert accumulator is not None
+        return list(xs)
     if kind.normalized:
-        g, x = _normalize_blocks(g, plan), _normalize_blocks(x, plan)
+        gs = [_normalize_blocks(g, plan) for g, plan in zip(gs, plans)]
+        xs = [_normalize_blocks(x, plan) for x, plan in zip(xs, plans)]
     if kind in (GraftingType.ADAGRAD, GraftingType.NORMALIZED_ADAGRAD) or beta2 == 1:
-        accumulator.addcmul_(g, g)  # a sum; β₂ = 1 means this for every method, as for the statistics
-    else:
-        accumulator.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = accumulator.sqrt()
-    if kind is GraftingType.ADAM and beta2 < 1:
-        denom.div_((1 - beta2**step) ** 0.5)
-    return x / denom.add_(eps)
+        torch._foreach_addcmul_(accumulators, gs, gs)  # v ← v + g² (β₂ = 1 means a sum for every method)
+    else:  # v ← β₂v + (1−β₂)g²
+        torch._foreach_mul_(accumulators, beta2)
+        torch._foreach_addcmul_(accumulators, gs, gs, value=1 - beta2)
+    denom = torch._foreach_sqrt(accumulators)
+    if kind is GraftingType.ADAM and beta2 < 1:  # √(v/(1−β₂ᵗ))
+        torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in steps])
+    torch._foreach_add_(denom, eps)
+    return list(torch._foreach_div(xs, denom))

@@ -34,7 +34,7 @@ from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootSche
 from .blocks import BlockPlan, block_views, make_plan
 from .buckets import Buckets
 from .distributed import DistributedRoots
-from .grafting import GraftingType, graft_direction
+from .grafting import GraftingType, graft_directions
 from .kronecker import axis_statistic, precondition
 from .matrix_roots import RootMethod
 from .state import StateCodec, diagnostics, memory
@@ -47,6 +47,12 @@ ParamGrad = tuple[int, dict[str, Any], Tensor, Tensor]  # (index, group, paramet
 def _full(t: Tensor) -> Tensor:
     """The whole tensor: a sharded (FSDP2/DTensor) one is gathered, others pass through."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shard_like(p: Tensor, full: Tensor) -> Tensor:
+    """This rank's shard of ``full``, placed as the sharded parameter ``p`` (no communication)."""
+    assert isinstance(p, DTensor)
+    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
 
 
 class NonFiniteGrad(str, Enum):
@@ -101,6 +107,10 @@ class Shampoo(torch.optim.Optimizer):
             unless ``matrix_eps_relative=False``.
         root_method: ``"auto"`` (eigh on CPU, coupled Newton on GPU), ``"eigh"`` or ``"newton"``.
         root_dtype: ``torch.float32`` or ``torch.float64``, the precision of root computation.
+        root_storage_dtype: the dtype installed roots are kept in (default: the statistics'
+            dtype, fp32). ``torch.bfloat16`` halves the roots' memory; each root is cast
+            back up for the contraction, so only its storage is rounded (8 bits of
+            mantissa). The statistics stay fp32 whatever this is.
         max_root_residual: a root whose residual (``max|X^p·A·V − V|`` on probe vectors V)
             is above this goes down the fallback chain (eigh, fp64, then ε×10 up to
             ``root_retries`` times) and is then rejected (the previous root stays). In fp32 at
@@ -142,6 +152,7 @@ class Shampoo(torch.optim.Optimizer):
         matrix_eps_relative: bool = True,
         root_method: RootMethod | str = RootMethod.AUTO,
         root_dtype: torch.dtype = torch.float32,
+        root_storage_dtype: torch.dtype | None = None,
         max_root_residual: float = 0.5,
         root_retries: int = 3,
         nonfinite_grad: NonFiniteGrad | str = NonFiniteGrad.SKIP,
@@ -170,6 +181,7 @@ class Shampoo(torch.optim.Optimizer):
             matrix_eps_relative=matrix_eps_relative,
             root_method=root_method,
             root_dtype=root_dtype,
+            root_storage_dtype=root_storage_dtype,
             max_root_residual=max_root_residual,
             root_retries=root_retries,
         )
@@ -230,6 +242,9 @@ class Shampoo(torch.optim.Optimizer):
         _require(_is_number(me) and me > 0, "matrix_eps", me, "> 0")
         rd = g["root_dtype"]
         _require(rd in (torch.float32, torch.float64), "root_dtype", rd, "torch.float32 or torch.float64")
+        rs = g["root_storage_dtype"]
+        floating = isinstance(rs, torch.dtype) and rs.is_floating_point and not rs.is_complex
+        _require(rs is None or floating, "root_storage_dtype", rs, "None or a floating-point torch.dtype")
         mr = g["max_root_residual"]
         _require(_is_number(mr) and mr > 0, "max_root_residual", mr, "> 0")
         rr = g["root_retries"]
@@ -324,11 +339,12 @@ class Shampoo(torch.optim.Optimizer):
         jobs = [job for (i, group, p, _), t in zip(params, steps) for job in self._due_roots(i, p, group, t)]
         # roots L^(-1/p): inline, or results of earlier background jobs that apply now
         self._install_roots(self.scheduler.run(self.global_step, jobs))
-        # P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖graft(Ĝ)‖/‖P‖
-        directions = self._directions(params, grads)
-        for (_, group, p, _), direction in zip(params, directions):
-            # B ← μB + P;  W ← W(1 − lr·λ) − lr·P
-            self._apply_update(p, direction, group)
+        # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ);  D ← graft(Ĝ)
+        xs, ds = self._graft(params, grads, steps)
+        # P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖D‖/‖P‖
+        directions = self._directions(params, grads, xs, ds)
+        # B ← μB + P;  W ← W(1 − lr·λ) − lr·P
+        self._apply_updates(params, directions)
         return loss
 
     def _gradient(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
@@ -349,7 +365,7 @@ class Shampoo(torch.optim.Optimizer):
         if self.batched:
             entries = [
                 (p, self.plan(p, group), g.dtype, g.device,
-                 (tuple(group["betas"]), group["grafting"], group["exponent_override"]))
+                 (tuple(group["betas"]), group["grafting"], group["exponent_override"], group["root_storage_dtype"]))
                 for (_, group, p, _), g in zip(params, grads)
             ]  # fmt: skip
             self._buckets.refresh(self.state, entries)
@@ -385,16 +401,18 @@ class Shampoo(torch.optim.Optimizer):
     def _install_roots(self, outcomes: list[RootOutcome]) -> None:
         if not outcomes:
             return
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
         for out in outcomes:
             index, b, a = out.key
-            state = self.state[params[index]]
+            p, group = params[index]
+            state = self.state[p]
             info_key = f"root_info.{b}.{a}"
             old = state[info_key].tolist() if info_key in state else [0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
             rejected, installed = old[4], old[5]
             if out.ok:  # into the bucket's stack when batched, else its own storage (not a view of the batch)
-                view = self._buckets.install_root(params[index], b, a, out.root) if self.batched else None
-                state[f"root.{b}.{a}"] = view if view is not None else out.root.clone()
+                view = self._buckets.install_root(p, b, a, out.root) if self.batched else None
+                storage = group["root_storage_dtype"] or out.root.dtype
+                state[f"root.{b}.{a}"] = view if view is not None else out.root.to(storage, copy=True)
                 installed = out.step
                 state[f"root_method.{b}.{a}"] = out.method
             else:
@@ -426,43 +444,62 @@ class Shampoo(torch.optim.Optimizer):
         momentum, other, scratch) and the parameters' bytes, each storage counted once."""
         return memory(self)
 
-    def _directions(self, params: list[ParamGrad], grads: list[Tensor]) -> list[Tensor]:
-        """The grafted direction of every parameter (stacked per bucket when batched)."""
+    @staticmethod
+    def _fused(params: list[ParamGrad]) -> list[list[int]]:
+        """Positions in ``params`` that one ``torch._foreach_*`` op can take together: the
+        same param group, device and dtype (and DTensor or not)."""
+        out: dict[tuple[Any, ...], list[int]] = {}
+        for pos, (_, group, p, _) in enumerate(params):
+            out.setdefault((id(group), p.device, p.dtype, isinstance(p, DTensor)), []).append(pos)
+        return list(out.values())
+
+    def _buffer(self, p: Tensor, key: str, like: Tensor) -> Tensor:
+        """``state[p][key]``, created as zeros like ``like`` (not setdefault: that allocates every step)."""
+        state = self.state[p]
+        if key not in state:
+            state[key] = torch.zeros_like(like)
+        return state[key]
+
+    def _graft(
+        self, params: list[ParamGrad], grads: list[Tensor], steps: list[int]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """(Ĝ, D) of every parameter: the filtered gradient and the grafting update.
+
+        Elementwise, so each line is one fused ``torch._foreach_*`` op per group of tensors.
+        """
+        xs, ds = list(grads), list(grads)
+        for pos in self._fused(params):
+            group = params[pos[0]][1]
+            ps, gs, ts = [params[i][2] for i in pos], [grads[i] for i in pos], [steps[i] for i in pos]
+            x = gs
+            beta1 = group["betas"][0]
+            if beta1 > 0:  # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ)
+                ms = [self._buffer(p, "exp_avg", g) for p, g in zip(ps, gs)]
+                torch._foreach_lerp_(ms, gs, 1 - beta1)
+                x = list(torch._foreach_div(ms, [1 - beta1**t for t in ts]))
+            kind = GraftingType(group["grafting"])
+            accs = [self._buffer(p, "graft_acc", g) for p, g in zip(ps, gs)] if kind.has_accumulator else []
+            gb2 = group["grafting_beta2"] if group["grafting_beta2"] is not None else group["betas"][1]
+            plans = [self.plan(p, group) for p in ps]
+            d = graft_directions(kind, gs, x, accs, steps=ts, beta2=gb2, eps=group["eps"], plans=plans)
+            for i, xi, di in zip(pos, x, d):
+                xs[i], ds[i] = xi, di
+        return xs, ds
+
+    def _directions(
+        self, params: list[ParamGrad], grads: list[Tensor], xs: list[Tensor], ds: list[Tensor]
+    ) -> list[Tensor]:
+        """P of every parameter: per block in a loop, or stacked per bucket when batched."""
         if not self.batched:
-            return [self._direction(p, g, group) for (_, group, p, _), g in zip(params, grads)]
-        xs, ds = [], []
-        for (_, group, p, _), g in zip(params, grads):
-            x, d = self._graft(p, g, group)
-            xs.append(x)
-            ds.append(d)
+            return [self._direction(p, x, d, group) for (_, group, p, _), x, d in zip(params, xs, ds)]
         # contiguous, and never the gradient itself: the buckets write P into them
         outs = [d.clone(memory_format=torch.contiguous_format) if d is g else d.contiguous() for d, g in zip(ds, grads)]
         self._buckets.directions(grads, xs, ds, outs)
         return outs
 
-    def _graft(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """(Ĝ, D): the filtered gradient and the grafting update, per parameter."""
+    def _direction(self, p: Tensor, x: Tensor, d: Tensor, group: dict[str, Any]) -> Tensor:
+        """The plain path's P: a loop over the blocks of one parameter."""
         state, plan = self.state[p], self.plan(p, group)
-        step = int(state["step"])
-        beta1 = group["betas"][0]
-        x = g
-        if beta1 > 0:  # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ)
-            if "exp_avg" not in state:  # (not setdefault: that would allocate zeros every step)
-                state["exp_avg"] = torch.zeros_like(g)
-            m = state["exp_avg"]
-            m.lerp_(g, 1 - beta1)
-            x = m / (1 - beta1**step)
-        kind = GraftingType(group["grafting"])
-        if kind.has_accumulator and "graft_acc" not in state:
-            state["graft_acc"] = torch.zeros_like(g)
-        acc = state.get("graft_acc") if kind.has_accumulator else None
-        gb2 = group["grafting_beta2"] if group["grafting_beta2"] is not None else group["betas"][1]
-        return x, graft_direction(kind, g, x, acc, step=step, beta2=gb2, eps=group["eps"], plan=plan)
-
-    def _direction(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> Tensor:
-        state, plan = self.state[p], self.plan(p, group)
-        x, d = self._graft(p, g, group)
-        kind = GraftingType(group["grafting"])
         if not plan.preconditioned:
             return d
         x, d = x.contiguous(), d.contiguous()
@@ -471,11 +508,11 @@ class Shampoo(torch.optim.Optimizer):
         for b, (block, xb, db, ob) in enumerate(
             zip(plan.blocks, block_views(x, plan), block_views(d, plan), block_views(out, plan))
         ):
-            roots = {a: state[f"root.{b}.{a}"] for a in block.axes if f"root.{b}.{a}" in state}
+            roots = {a: state[f"root.{b}.{a}"].to(xb.dtype) for a in block.axes if f"root.{b}.{a}" in state}
             if not block.axes or len(roots) < len(block.axes):
                 ob.copy_(db)  # no roots yet: the grafting update
                 continue
-            if kind is GraftingType.NONE:
+            if group["grafting"] == GraftingType.NONE:
                 pre = precondition(xb, roots)
             else:  # P ← P·‖D‖/‖P‖ (Ĝ pre-scaled by its max: the same P, with no overflow)
                 pre = precondition(xb / xb.abs().amax().clamp_min(tiny), roots)
@@ -483,23 +520,30 @@ class Shampoo(torch.optim.Optimizer):
             ob.copy_(pre)
         return out
 
-    def _apply_update(self, p: Tensor, direction: Tensor, group: dict[str, Any]) -> None:
-        state = self.state[p]
-        mu = group["momentum"]
-        if mu > 0:  # B ← μB + P
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = direction.clone()
-            else:
-                buf.mul_(mu).add_(direction)
-            direction = direction.add(buf, alpha=mu) if group["nesterov"] else buf
-        direction = direction.to(p.dtype)
-        if isinstance(p, DTensor):  # this rank's shard of the full update, no communication
-            direction = distribute_tensor(direction, p.device_mesh, p.placements, src_data_rank=None)
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd and group["decoupled_weight_decay"]:  # W ← W(1 − lr·λ)
-            p.mul_(1 - lr * wd)
-        p.add_(direction, alpha=-lr)  # W ← W − lr·P
+    def _apply_updates(self, params: list[ParamGrad], directions: list[Tensor]) -> None:
+        """B ← μB + P (B starts as P);  W ← W(1 − lr·λ) − lr·P, fused per group of tensors."""
+        for pos in self._fused(params):
+            group = params[pos[0]][1]
+            ps, dirs = [params[i][2] for i in pos], [directions[i] for i in pos]
+            mu = group["momentum"]
+            if mu > 0:
+                states = [self.state[p] for p in ps]
+                old = [(st["momentum_buffer"], d) for st, d in zip(states, dirs) if "momentum_buffer" in st]
+                if old:  # B ← μB + P
+                    torch._foreach_mul_([b for b, _ in old], mu)
+                    torch._foreach_add_([b for b, _ in old], [d for _, d in old])
+                for st, d in zip(states, dirs):
+                    if "momentum_buffer" not in st:
+                        st["momentum_buffer"] = d.clone()
+                bufs = [self.state[p]["momentum_buffer"] for p in ps]
+                dirs = list(torch._foreach_add(dirs, bufs, alpha=mu)) if group["nesterov"] else bufs
+            dirs = [d.to(p.dtype) for p, d in zip(ps, dirs)]
+            if isinstance(ps[0], DTensor):  # this rank's shard of the full update, no communication
+                dirs = [_shard_like(p, d) for p, d in zip(ps, dirs)]
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd and group["decoupled_weight_decay"]:  # W ← W(1 − lr·λ)
+                torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_add_(ps, dirs, alpha=-lr)  # W ← W − lr·P
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

@@ -12,7 +12,8 @@ key                         what
 ``graft_acc``               grafting accumulator v (AdaGrad, RMSprop, Adam)
 ``momentum_buffer``         heavy-ball buffer B (when momentum > 0)
 ``stat.{b}.{a}``            statistic H_a of block b (fp32; fp64 for fp64 params)
-``root.{b}.{a}``            installed inverse root (absent until the first one)
+``root.{b}.{a}``            installed inverse root (absent until the first one), in
+                            ``root_storage_dtype`` (default: the statistic's dtype)
 ``root_info.{b}.{a}``       float64 CPU ``[last attempt's step, residual, λ_max, ε_eff,``
                             ``rejected so far, step of the installed root or -1]``
 ``root_method.{b}.{a}``     the fallback stage of the installed root, e.g. ``"eigh/fp32"``
