@@ -1,23 +1,44 @@
 """Shampoo's optimizer-step time against AdamW, the cost of one root, and the FLOP bound.
 
-Four measurements, all in one run and on one machine, written to one JSON file:
+Models (``--models``; ``--quick`` shrinks every one to tiny sizes):
+
+- ``linear4``: 4 × ``nn.Linear(1024, 1024)``;
+- ``chargpt``: ``CharGPT(vocab=65, ctx=128, d=128, layers=4, heads=4)`` from ``benchmarks/models.py``;
+- ``transformer``: ``nn.TransformerEncoder``, d=512, 4 layers, 8 heads, feed-forward 2048;
+- ``resnet``: ``ResNet()`` from ``benchmarks/models.py`` (widths 16, 32, 64; 1×28×28 images);
+- ``embedding``: ``nn.Embedding(100_000, 64)``, the mean over each bag, then an MLP 64-256-1
+  (the table's 100k axis is above ``max_preconditioner_dim``: it is preconditioned on its
+  64-axis only, as one block).
+
+Five measurements, all in one run and on one machine, written to one JSON file:
 
 1. **Step time** (``step_time``): the optimizer step alone, on fixed random
    gradients (``p.grad`` is set once from a seeded generator and re-used), for
-   Shampoo and ``torch.optim.AdamW(foreach=True)`` on two copies of the same model.
+   Shampoo and ``torch.optim.AdamW(foreach=True)`` on two copies of the same model,
+   per model × ``--block-sizes`` (256, 1024) × ``--frequencies`` (10, 100).
    The two are interleaved in chunks (A B B A A B …) over ``--periods`` full
    ``precondition_frequency`` periods, so root recomputation is inside the window
    exactly ``--periods`` times. Median, mean (amortized) and max step; the max is
-   the root spike.
-2. **End to end** (``end_to_end``): forward + backward + step of the Transformer
-   on a fixed batch, Shampoo against AdamW, interleaved the same way.
+   the root spike. Each record has the number of preconditioned blocks.
+2. **End to end** (``end_to_end``): forward + backward + step of each model on a
+   fixed batch of its own, Shampoo against AdamW, interleaved the same way:
+   linear4 512 random rows and transformer 8 × 64 random tokens (MSE to random
+   targets), chargpt 32 × 128 token ids (next-token cross-entropy), resnet 128
+   images (cross-entropy), embedding 256 bags of 16 row ids (BCE with logits).
 3. **Roots** (``roots``): one inverse 4th root by eigh and by coupled Newton at
    several sizes, through ``inverse_root`` (which adds λ_max, the residual check
    and retries) and through the raw ``eigh_inverse_root`` /
    ``coupled_newton_inverse_root``; median of repeats, methods interleaved.
 4. **FLOP bound** (``flop_bound``): the matmul FLOPs of one step's statistics
    (``G Gᵀ``, ``Gᵀ G``) and preconditioning (``L^(-1/p) G R^(-1/p)``), divided by
-   the GEMM rate measured in the same run (a 1024×1024 fp32 matmul).
+   the GEMM rate measured in the same run (a 1024×1024 fp32 matmul), per step_time record.
+5. **Batched against plain** (``batched``, with ``--batched-compare``): per model and
+   block size, the Shampoo step alone with ``batched=True`` (equal blocks stacked,
+   batched matmuls) against ``batched=False`` (the per-block loop), interleaved, over
+   ``--batched-steps`` steps with no root recomputation inside the window; the ratio
+   plain/batched and the number of preconditioned blocks (``plan.blocks`` with axes,
+   over the parameters). ``batched_summary`` names the record with the most blocks
+   and whether plain/batched reaches the goal of 3× there.
 
 The thread count is set explicitly (``--threads``) and recorded, with the torch
 version, the device, and the CPU time that other processes used during each
@@ -25,6 +46,9 @@ measurement (from ``/proc/stat`` deltas minus this process's own CPU time; null
 where ``/proc/stat`` does not exist). See ``/work/shared/BENCHMARKS.md`` for why.
 
 Run ``python -m benchmarks.step_time --help``; ``--quick`` is a smoke test of a few seconds.
+The whole benchmark, every model, with the batched comparison::
+
+    python -m benchmarks.step_time --threads 1 --batched-compare --out step_time.json
 """
 
 from __future__ import annotations
@@ -39,10 +63,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -55,6 +81,8 @@ from scalable_shampoo.matrix_roots import (
     root_residual,
 )
 
+from .models import CharGPT, ResNet
+
 try:
     import resource
 except ImportError:  # pragma: no cover - not on Linux
@@ -62,7 +90,7 @@ except ImportError:  # pragma: no cover - not on Linux
 
 __all__ = ["main"]
 
-MODELS = ("linear4", "transformer")
+MODELS = ("linear4", "chargpt", "transformer", "resnet", "embedding")
 ROOT_P = 4
 
 
@@ -199,18 +227,47 @@ def summarize(times: Sequence[float], spikes: Sequence[bool] | None = None) -> d
     return out
 
 
+def _ratio_dict(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    return {k: round(a[f"{k}_ms"] / b[f"{k}_ms"], 3) for k in ("median", "mean", "max")}
+
+
 def _ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    return {f"ratio_{k}": round(a[f"{k}_ms"] / b[f"{k}_ms"], 3) for k in ("median", "mean", "max")}
+    return {f"ratio_{k}": v for k, v in _ratio_dict(a, b).items()}
 
 
 # ---------------------------------------------------------------------------------------------- models
-def model_dims(name: str, quick: bool) -> dict[str, int]:
+class EmbeddingMLP(nn.Module):
+    """An embedding table (``rows × d``), the mean over each bag of indices, then a ``d-hidden-1`` MLP."""
+
+    def __init__(self, rows: int, d: int, hidden: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(rows, d)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, idx: Tensor) -> Tensor:  # idx: (batch, bag) → one logit per row
+        return self.mlp(self.table(idx).mean(dim=1)).squeeze(1)
+
+
+def model_dims(name: str, quick: bool) -> dict[str, Any]:
+    """The model's sizes; ``quick``: tiny ones, for the smoke test."""
     if name == "linear4":
         return {"d": 64 if quick else 1024, "layers": 4}
+    if name == "chargpt":  # vocab ~ Shakespeare's characters
+        if quick:
+            return {"vocab": 11, "ctx": 8, "d": 16, "layers": 1, "heads": 2}
+        return {"vocab": 65, "ctx": 128, "d": 128, "layers": 4, "heads": 4}
     if name == "transformer":
         if quick:
             return {"d": 32, "layers": 1, "heads": 2, "ff": 64}
-        return {"d": 256, "layers": 4, "heads": 4, "ff": 1024}
+        return {"d": 512, "layers": 4, "heads": 8, "ff": 2048}
+    if name == "resnet":  # 1×28×28 images, as Fashion-MNIST
+        if quick:
+            return {"widths": [4, 8], "classes": 3, "image": 8}
+        return {"widths": [16, 32, 64], "classes": 10, "image": 28}
+    if name == "embedding":  # quick: still more rows than max_preconditioner_dim (4096), so one-sided as in full
+        if quick:
+            return {"rows": 5000, "d": 8, "hidden": 16}
+        return {"rows": 100_000, "d": 64, "hidden": 256}
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -220,12 +277,66 @@ def make_model(name: str, quick: bool, device: torch.device, seed: int = 0) -> n
     model: nn.Module
     if name == "linear4":
         model = nn.Sequential(*[nn.Linear(dims["d"], dims["d"]) for _ in range(dims["layers"])])
-    else:
+    elif name == "chargpt":
+        model = CharGPT(dims["vocab"], dims["ctx"], d=dims["d"], layers=dims["layers"], heads=dims["heads"])
+    elif name == "transformer":
         layer = nn.TransformerEncoderLayer(
             dims["d"], dims["heads"], dims["ff"], dropout=0.0, batch_first=True
         )
         model = nn.TransformerEncoder(layer, dims["layers"], enable_nested_tensor=False)
+    elif name == "resnet":
+        model = ResNet(tuple(dims["widths"]), classes=dims["classes"])
+    else:
+        model = EmbeddingMLP(dims["rows"], dims["d"], dims["hidden"])
     return model.to(device)
+
+
+def e2e_shape(name: str, quick: bool, args: argparse.Namespace | None = None) -> dict[str, int]:
+    """The end-to-end batch of each model; ``--e2e-batch`` / ``--e2e-seq`` override the batch / sequence length."""
+    shape: dict[str, int] = {
+        "linear4": {"batch": 8} if quick else {"batch": 512},  # rows of d features
+        "chargpt": {"batch": 2, "seq": 8} if quick else {"batch": 32, "seq": 128},
+        "transformer": {"batch": 2, "seq": 8} if quick else {"batch": 8, "seq": 64},
+        "resnet": {"batch": 4} if quick else {"batch": 128},
+        "embedding": {"batch": 8, "bag": 4} if quick else {"batch": 256, "bag": 16},
+    }[name]
+    if args is not None:
+        if args.e2e_batch is not None:
+            shape["batch"] = args.e2e_batch
+        if args.e2e_seq is not None and "seq" in shape:
+            shape["seq"] = args.e2e_seq
+    return shape
+
+
+def e2e_loss(
+    name: str, dims: dict[str, Any], shape: dict[str, int], device: torch.device, seed: int = 2
+) -> Callable[[nn.Module], Tensor]:
+    """A fixed batch for ``name`` and the loss of a model on it.
+
+    linear4 and transformer: random float inputs, MSE to random targets; chargpt: token
+    ids, next-token cross-entropy; resnet: 1×H×W images, cross-entropy over the classes;
+    embedding: bags of uniform random row ids, BCE with logits to random 0/1 labels.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    b = shape["batch"]
+    if name in ("linear4", "transformer"):
+        size = (b, dims["d"]) if name == "linear4" else (b, shape["seq"], dims["d"])
+        x = torch.randn(size, generator=gen).to(device)
+        y = torch.randn(size, generator=gen).to(device)
+        return lambda model: F.mse_loss(model(x), y)
+    if name == "chargpt":
+        tokens = torch.randint(dims["vocab"], (b, shape["seq"] + 1), generator=gen).to(device)
+        idx, targets = tokens[:, :-1], tokens[:, 1:]
+        return lambda model: F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    if name == "resnet":
+        x = torch.randn(b, 1, dims["image"], dims["image"], generator=gen).to(device)
+        y = torch.randint(dims["classes"], (b,), generator=gen).to(device)
+        return lambda model: F.cross_entropy(model(x), y)
+    if name == "embedding":
+        idx = torch.randint(dims["rows"], (b, shape["bag"]), generator=gen).to(device)
+        y = torch.randint(2, (b,), generator=gen).float().to(device)
+        return lambda model: F.binary_cross_entropy_with_logits(model(idx), y)
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
 def set_fixed_grads(model: nn.Module, seed: int) -> None:
@@ -235,7 +346,7 @@ def set_fixed_grads(model: nn.Module, seed: int) -> None:
         p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(device=p.device, dtype=p.dtype)
 
 
-def make_shampoo(model: nn.Module, block_size: int, frequency: int, start: int) -> Shampoo:
+def make_shampoo(model: nn.Module, block_size: int, frequency: int, start: int, batched: bool = True) -> Shampoo:
     return Shampoo(
         model.parameters(),
         lr=1e-3,
@@ -243,6 +354,7 @@ def make_shampoo(model: nn.Module, block_size: int, frequency: int, start: int) 
         block_size=block_size,
         precondition_frequency=frequency,
         start_preconditioning_step=start,
+        batched=batched,
     )
 
 
@@ -260,6 +372,18 @@ def root_counts(opt: Shampoo) -> dict[str, int]:
             elif key.startswith("root_info."):
                 rejected += int(value[4])
     return {"root_matrices": installed, "roots_rejected": rejected}
+
+
+def block_counts(model: nn.Module, opt: Shampoo) -> dict[str, int]:
+    """Blocks of the model under ``opt``'s plans: preconditioned ones (with a statistic), all, distinct shapes."""
+    group = opt.param_groups[0]
+    blocks = [b for p in model.parameters() for b in opt.plan(p, group).blocks]
+    pre = [b for b in blocks if b.axes]
+    return {
+        "blocks": len(pre),
+        "blocks_total": len(blocks),
+        "block_shapes": len({(b.shape, b.axes) for b in pre}),
+    }
 
 
 def step_flops(model: nn.Module, opt: Shampoo) -> float:
@@ -318,6 +442,7 @@ def bench_step_time(
     record["adamw"] = summarize(tb)
     record.update(_ratios(record["shampoo"], record["adamw"]))
     record.update(root_counts(shampoo))
+    record.update(block_counts(model_a, shampoo))
     record["step_gflop"] = round(step_flops(model_a, shampoo) / 1e9, 4)
     record["raw_ms"] = {"shampoo": [_ms(t) for t in ta], "adamw": [_ms(t) for t in tb], "first_shampoo_step": first}
     if args.profile:
@@ -377,19 +502,16 @@ def bench_end_to_end(
 ) -> dict[str, Any]:
     model_a = make_model(name, args.quick, device)
     model_b = copy.deepcopy(model_a)
-    d = model_dims(name, args.quick)["d"]
-    gen = torch.Generator().manual_seed(2)
-    shape = (args.e2e_batch, args.e2e_seq, d) if name == "transformer" else (args.e2e_batch * args.e2e_seq, d)
-    x = torch.randn(shape, generator=gen).to(device)
-    y = torch.randn(shape, generator=gen).to(device)
+    dims = model_dims(name, args.quick)
+    shape = e2e_shape(name, args.quick, args)
+    loss_of = e2e_loss(name, dims, shape, device)
     shampoo = make_shampoo(model_a, block_size, frequency, args.start_step)
     adamw = make_adamw(model_b)
 
     def iteration(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
         def run() -> None:
             opt.zero_grad(set_to_none=True)
-            loss = (model(x) - y).pow(2).mean()
-            loss.backward()
+            loss_of(model).backward()
             opt.step()
 
         return run
@@ -398,7 +520,8 @@ def bench_end_to_end(
     n = args.periods * frequency
     record: dict[str, Any] = {
         "model": name,
-        "batch": list(shape[:-1]),
+        "dims": dims,
+        "batch": shape,
         "block_size": block_size,
         "precondition_frequency": frequency,
         "start_preconditioning_step": args.start_step,
@@ -417,8 +540,79 @@ def bench_end_to_end(
     record["adamw"] = summarize(tb)
     record.update(_ratios(record["shampoo"], record["adamw"]))
     record.update(root_counts(shampoo))
+    record.update(block_counts(model_a, shampoo))
     record["raw_ms"] = {"shampoo": [_ms(t) for t in ta], "adamw": [_ms(t) for t in tb], "first_shampoo_step": first}
     return record
+
+
+# ---------------------------------------------------------------------------------------------- 5. batched vs plain
+def bench_batched(name: str, block_size: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Shampoo ``batched=True`` against ``batched=False`` (the plain per-block loop): the step alone, interleaved.
+
+    Fixed gradients, as in ``bench_step_time``. Roots are computed at the first
+    (untimed) step and, with ``precondition_frequency = warmup + steps``, not again
+    inside the window: the comparison is of the per-step work, which is what
+    batching changes (the roots are the same eigh calls either way).
+    """
+    model_a = make_model(name, args.quick, device)
+    model_b = copy.deepcopy(model_a)
+    set_fixed_grads(model_a, seed=1)
+    set_fixed_grads(model_b, seed=1)
+    n, warmup, start = args.batched_steps, args.warmup, 1
+    frequency = warmup + n  # roots at step 1, next at step warmup + n + 1: after the window
+    batched = make_shampoo(model_a, block_size, frequency, start, batched=True)
+    plain = make_shampoo(model_b, block_size, frequency, start, batched=False)
+    record: dict[str, Any] = {
+        "model": name,
+        "dims": model_dims(name, args.quick),
+        "params": sum(p.numel() for p in model_a.parameters()),
+        "block_size": block_size,
+        **block_counts(model_a, batched),
+        "precondition_frequency": frequency,
+        "start_preconditioning_step": start,
+        "warmup_steps": warmup,
+        "measured_steps": n,
+        "chunk": args.chunk,
+    }
+    with measured_load(record):
+        for _ in range(warmup):  # untimed: state allocation, stacking, the roots
+            batched.step()
+            plain.step()
+        first = batched.global_step + 1
+        ta, tb = interleave(batched.step, plain.step, n, args.chunk, device)
+    spikes = [_is_root_step(s, start, frequency) for s in range(first, first + n)]
+    record["batched"] = summarize(ta, spikes)
+    record["plain"] = summarize(tb, spikes)
+    # plain / batched: > 1 when batching is faster
+    record.update({f"plain_over_batched_{k}": v for k, v in _ratio_dict(record["plain"], record["batched"]).items()})
+    counts = root_counts(batched)
+    record["root_matrices"] = counts["root_matrices"]
+    record["roots_rejected"] = {"batched": counts["roots_rejected"], "plain": root_counts(plain)["roots_rejected"]}
+    with torch.no_grad():  # the two should take the same steps; a large value means they did not
+        pairs = zip(model_a.parameters(), model_b.parameters(), strict=True)
+        record["max_abs_param_diff"] = max(float((a - b).abs().max()) for a, b in pairs)
+    record["raw_ms"] = {"batched": [_ms(t) for t in ta], "plain": [_ms(t) for t in tb], "first_step": first}
+    return record
+
+
+def batched_summary(records: list[dict[str, Any]], goal: float = 3.0) -> dict[str, Any]:
+    """Blocks per model and block size, and the plain/batched ratio on the record with the most blocks."""
+    top = max(records, key=lambda r: r["blocks"])
+    blocks: dict[str, dict[str, int]] = {}
+    for r in records:
+        blocks.setdefault(r["model"], {})[str(r["block_size"])] = r["blocks"]
+    return {
+        "blocks": blocks,
+        "most_blocks": {
+            "model": top["model"],
+            "block_size": top["block_size"],
+            "blocks": top["blocks"],
+            "plain_over_batched_median": top["plain_over_batched_median"],
+            "plain_over_batched_mean": top["plain_over_batched_mean"],
+        },
+        "goal_plain_over_batched": goal,
+        "goal_met": top["plain_over_batched_median"] >= goal,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- 3. roots
@@ -466,10 +660,10 @@ def bench_roots(
             eps = 1e-6 * lam  # inverse_root's default: ε relative to λ_max
             a_d = a + eps * torch.eye(n, device=device)
             fns: dict[str, Callable[[], object]] = {
-                "eigh": lambda a=a: inverse_root(a, ROOT_P, method="eigh"),
-                "newton": lambda a=a: inverse_root(a, ROOT_P, method="newton"),
-                "eigh_raw": lambda a_d=a_d, eps=eps: eigh_inverse_root(a_d, ROOT_P, eps),
-                "newton_raw": lambda a_d=a_d: coupled_newton_inverse_root(a_d, ROOT_P),
+                "eigh": partial(inverse_root, a, ROOT_P, method="eigh"),
+                "newton": partial(inverse_root, a, ROOT_P, method="newton"),
+                "eigh_raw": partial(eigh_inverse_root, a_d, ROOT_P, eps),
+                "newton_raw": partial(coupled_newton_inverse_root, a_d, ROOT_P),
             }
             record: dict[str, Any] = {"n": n, "p": ROOT_P, "spectrum": spectrum, "threads": threads}
             times: dict[str, list[float]] = {k: [] for k in fns}
@@ -576,14 +770,14 @@ def report(res: dict[str, Any]) -> str:
         f"(machine busy {res['load'].get('machine_busy_fraction')})"
     ]
     step_headers = [
-        "model", "block", "freq", "sh med", "sh mean", "sh max", "sh root", "aw med", "aw mean", "aw max",
+        "model", "block", "freq", "blocks", "sh med", "sh mean", "sh max", "sh root", "aw med", "aw mean", "aw max",
         "x med", "x mean", "x max", "others",
     ]  # fmt: skip
 
     def step_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
         return [
             [
-                r["model"], r["block_size"], r["precondition_frequency"],
+                r["model"], r["block_size"], r["precondition_frequency"], r["blocks"],
                 r["shampoo"]["median_ms"], r["shampoo"]["mean_ms"], r["shampoo"]["max_ms"],
                 r["shampoo"]["root_step_median_ms"], r["adamw"]["median_ms"], r["adamw"]["mean_ms"],
                 r["adamw"]["max_ms"], r["ratio_median"], r["ratio_mean"], r["ratio_max"], _load_str(r["load"]),
@@ -597,6 +791,33 @@ def report(res: dict[str, Any]) -> str:
     if res.get("end_to_end"):
         parts += ["", "End to end: forward + backward + step (ms)"]
         parts.append(_table(step_headers, step_rows(res["end_to_end"])))
+    if res.get("batched"):
+        parts += [
+            "",
+            "Shampoo step alone, batched=True against batched=False (the per-block loop); no root recomputation "
+            "in the window (ms; x = plain/batched)",
+        ]
+        rows = [
+            [
+                r["model"], r["block_size"], r["blocks"], r["block_shapes"], r["batched"]["median_ms"],
+                r["batched"]["mean_ms"], r["plain"]["median_ms"], r["plain"]["mean_ms"],
+                r["plain_over_batched_median"], r["plain_over_batched_mean"], f"{r['max_abs_param_diff']:.1e}",
+                _load_str(r["load"]),
+            ]
+            for r in res["batched"]
+        ]  # fmt: skip
+        headers = [
+            "model", "block", "blocks", "shapes", "batched med", "batched mean", "plain med", "plain mean",
+            "x med", "x mean", "param diff", "others",
+        ]  # fmt: skip
+        parts.append(_table(headers, rows))
+        top = res["batched_summary"]["most_blocks"]
+        parts.append(
+            f"  most blocks: {top['model']} at block {top['block_size']} ({top['blocks']} blocks): "
+            f"plain/batched {top['plain_over_batched_median']}x median (goal "
+            f"≥ {res['batched_summary']['goal_plain_over_batched']}x: "
+            f"{'met' if res['batched_summary']['goal_met'] else 'not met'})"
+        )
     if res.get("roots"):
         parts += ["", f"One inverse {ROOT_P}th root, fp32 (median ms; eigh/newton via inverse_root, *_raw bare)"]
         rows = [
@@ -668,20 +889,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of a few seconds")
     p.add_argument("--models", type=_names, default=None, help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--block-sizes", type=_ints, default=None, help="comma list (default 256,1024)")
-    p.add_argument("--frequencies", type=_ints, default=None, help="precondition_frequency list (default 100)")
+    p.add_argument("--frequencies", type=_ints, default=None, help="precondition_frequency list (default 10,100)")
     p.add_argument("--start-step", type=int, default=1, help="start_preconditioning_step (default 1)")
     p.add_argument("--periods", type=int, default=2, help="measured precondition_frequency periods (≥ 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before measuring (default 3)")
     p.add_argument("--chunk", type=int, default=None, help="steps per interleaved chunk (default 10)")
-    p.add_argument("--e2e-models", type=_names, default=None, help="end-to-end models (default transformer)")
-    p.add_argument("--e2e-batch", type=int, default=None, help="end-to-end batch (default 8)")
-    p.add_argument("--e2e-seq", type=int, default=None, help="end-to-end sequence length (default 64)")
+    p.add_argument("--e2e-models", type=_names, default=None, help="end-to-end models (default: all)")
+    p.add_argument(
+        "--e2e-batch", type=int, default=None,
+        help="end-to-end batch for every model (default per model: linear4 512 rows, chargpt 32, transformer 8, "
+        "resnet 128, embedding 256 bags)",
+    )  # fmt: skip
+    p.add_argument(
+        "--e2e-seq", type=int, default=None,
+        help="end-to-end sequence length of chargpt and transformer (default 128 and 64; chargpt's ctx is 128)",
+    )  # fmt: skip
+    p.add_argument(
+        "--batched-compare", action="store_true",
+        help="also time Shampoo batched=True against batched=False (the per-block loop), step alone, "
+        "per model and block size (the 'batched' section)",
+    )  # fmt: skip
+    p.add_argument("--batched-steps", type=int, default=None, help="timed steps each in --batched-compare (default 40)")
     p.add_argument("--root-sizes", type=_ints, default=None, help="root matrix sizes (default 256,512,1024)")
     p.add_argument("--root-spectra", type=_names, default=["square", "tall"], help="square (ill-), tall (well-cond.)")
     p.add_argument("--root-threads", type=_ints, default=None, help="thread counts for root timing (default --threads)")
     p.add_argument("--root-repeats", type=int, default=None, help="repeats per root timing (default 5)")
     p.add_argument("--gemm-sizes", type=_ints, default=None, help="GEMM sizes (default 256,512,1024)")
-    p.add_argument("--sections", type=_names, default=["steps", "e2e", "roots", "flops"], help="what to run")
+    p.add_argument(
+        "--sections", type=_names, default=["steps", "e2e", "roots", "flops"],
+        help="what to run: steps, e2e, roots, flops, batched (default all but batched; --batched-compare adds it)",
+    )  # fmt: skip
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of non-root Shampoo steps")
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. what else ran on the machine)")
@@ -690,12 +927,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {
         "models": list(MODELS),
         "block_sizes": [16, 64] if q else [256, 1024],
-        "frequencies": [4] if q else [100],
+        "frequencies": [4] if q else [10, 100],
         "warmup": 2 if q else 3,
         "chunk": 3 if q else 10,
-        "e2e_models": ["transformer"],
-        "e2e_batch": 2 if q else 8,
-        "e2e_seq": 8 if q else 64,
+        "e2e_models": list(MODELS),
+        "batched_steps": 4 if q else 40,
         "root_sizes": [16, 32] if q else [256, 512, 1024],
         "root_threads": [args.threads],
         "root_repeats": 2 if q else 5,
@@ -704,12 +940,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.periods < 1 or args.warmup < 1 or args.chunk < 1:
-        p.error("--periods, --warmup and --chunk must be ≥ 1")
+    if args.periods < 1 or args.warmup < 1 or args.chunk < 1 or args.batched_steps < 1:
+        p.error("--periods, --warmup, --chunk and --batched-steps must be ≥ 1")
+    if args.e2e_batch is not None and args.e2e_batch < 1:
+        p.error("--e2e-batch must be ≥ 1")
+    if args.e2e_seq is not None and not 1 <= args.e2e_seq <= model_dims("chargpt", q)["ctx"]:
+        p.error(f"--e2e-seq must be in [1, {model_dims('chargpt', q)['ctx']}] (chargpt's context)")
+    if args.batched_compare and "batched" not in args.sections:
+        args.sections = [*args.sections, "batched"]
     for m in args.models + args.e2e_models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
-    unknown = set(args.sections) - {"steps", "e2e", "roots", "flops"}
+    unknown = set(args.sections) - {"steps", "e2e", "roots", "flops", "batched"}
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}")
     return args
@@ -772,6 +1014,13 @@ def main(argv: list[str] | None = None) -> int:
                 for f in args.frequencies:
                     res["end_to_end"].append(bench_end_to_end(m, bs, f, args, device))
                     save()
+    if "batched" in sections:
+        res["batched"] = []
+        for m in args.models:
+            for bs in args.block_sizes:
+                res["batched"].append(bench_batched(m, bs, args, device))
+                save()
+        res["batched_summary"] = batched_summary(res["batched"])
     if "roots" in sections:
         res["roots"] = []
         for threads in args.root_threads:

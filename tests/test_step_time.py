@@ -5,24 +5,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.step_time import main
+from benchmarks.step_time import MODELS, main
 
 
 def _positive(x: object) -> bool:
     return isinstance(x, (int, float)) and x > 0
 
 
+def _blocks(res: dict, model: str, block_size: int) -> int:
+    return next(r["blocks"] for r in res["batched"] if r["model"] == model and r["block_size"] == block_size)
+
+
 def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
     out = tmp_path / "step_time.json"
-    assert main(["--quick", "--out", str(out), "--threads", "1"]) == 0
+    assert main(["--quick", "--batched-compare", "--out", str(out), "--threads", "1"]) == 0
     res = json.loads(out.read_text())
 
-    assert {"meta", "gemm", "step_time", "end_to_end", "roots", "flop_bound", "load"} <= res.keys()
+    assert {"meta", "gemm", "step_time", "end_to_end", "roots", "flop_bound", "batched", "batched_summary", "load"} <= (
+        res.keys()
+    )
     meta = res["meta"]
     assert meta["threads"] == 1 and meta["quick"] is True and meta["device"] == "cpu"
     assert meta["torch"] and "other_cores" in res["load"]
 
-    assert {r["model"] for r in res["step_time"]} == {"linear4", "transformer"}
+    models = {"linear4", "chargpt", "transformer", "resnet", "embedding"}
+    assert set(MODELS) == models
+    for section in ("step_time", "end_to_end", "batched"):
+        assert {r["model"] for r in res[section]} == models, section
+        assert all(r["blocks"] >= 1 for r in res[section]), section
     for r in res["step_time"] + res["end_to_end"]:
         assert r["measured_steps"] >= 2 * r["precondition_frequency"]
         for opt in ("shampoo", "adamw"):
@@ -34,6 +44,28 @@ def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
         for k in ("ratio_median", "ratio_mean", "ratio_max"):
             assert _positive(r[k])
         assert "load" in r
+
+    block_sizes = {r["block_size"] for r in res["step_time"]}
+    assert {(r["model"], r["block_size"]) for r in res["batched"]} == {(m, b) for m in models for b in block_sizes}
+    for r in res["batched"]:
+        for opt in ("batched", "plain"):
+            for k in ("median_ms", "mean_ms", "max_ms"):
+                assert _positive(r[opt][k]), (opt, k, r[opt][k])
+            assert len(r["raw_ms"][opt]) == r["measured_steps"]
+            assert r[opt]["root_steps"] == 0  # the roots come before the window
+        for k in ("plain_over_batched_median", "plain_over_batched_mean", "plain_over_batched_max"):
+            assert _positive(r[k])
+        assert r["root_matrices"] > 0 and r["roots_rejected"] == {"batched": 0, "plain": 0}
+        assert r["max_abs_param_diff"] < 1e-3  # batched and plain take the same steps
+        assert "load" in r
+    for r in res["step_time"] + res["end_to_end"]:  # the same plans in every section
+        assert r["blocks"] == _blocks(res, r["model"], r["block_size"])
+    summary = res["batched_summary"]
+    assert summary["blocks"] == {m: {str(b): _blocks(res, m, b) for b in block_sizes} for m in models}
+    top = summary["most_blocks"]
+    assert top["blocks"] == max(r["blocks"] for r in res["batched"])
+    assert top["model"] in models and _positive(top["plain_over_batched_median"])
+    assert isinstance(summary["goal_met"], bool)
 
     for r in res["roots"]:
         for k in ("eigh", "newton", "eigh_raw", "newton_raw"):
