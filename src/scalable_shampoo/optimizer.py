@@ -34,6 +34,7 @@ from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootSche
 from .blocks import BlockPlan, block_views, make_plan
 from .buckets import Buckets
 from .distributed import DistributedRoots
+from .fused import compiled_graft, compiled_update
 from .grafting import GraftingType, graft_directions
 from .kronecker import axis_statistic, precondition
 from .matrix_roots import RootMethod
@@ -126,6 +127,10 @@ class Shampoo(torch.optim.Optimizer):
         batched: process the blocks of equal shape of all parameters together, as
             stacked tensors and batched matmuls (``buckets.py``); ``False`` is the
             plain per-block loop, the reference it is tested against.
+        compile_elementwise: run the first moment, the grafting accumulators and the
+            weight update through ``torch.compile`` (``fused.py``) instead of eager
+            ``torch._foreach_*`` ops. Off by default: on a CPU it was slower (see the
+            README). Normalized grafting and heavy-ball momentum stay eager.
     """
 
     def __init__(
@@ -159,6 +164,7 @@ class Shampoo(torch.optim.Optimizer):
         scheduler: RootScheduler | None = None,
         process_group: Any = "default",
         batched: bool = True,
+        compile_elementwise: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -194,6 +200,7 @@ class Shampoo(torch.optim.Optimizer):
         self.global_step = 0  # steps taken (skipped steps not counted)
         self.skipped_steps = 0
         self.batched = bool(batched)
+        self.compile_elementwise = bool(compile_elementwise)
         self._buckets = Buckets()  # stacked blocks; state entries are views of them
         super().__init__(params, defaults)
         StateCodec.attach(self)
@@ -473,13 +480,21 @@ class Shampoo(torch.optim.Optimizer):
             ps, gs, ts = [params[i][2] for i in pos], [grads[i] for i in pos], [steps[i] for i in pos]
             x = gs
             beta1 = group["betas"][0]
+            kind = GraftingType(group["grafting"])
+            gb2 = group["grafting_beta2"] if group["grafting_beta2"] is not None else group["betas"][1]
+            if self.compile_elementwise and not kind.normalized:
+                ms = [self._buffer(p, "exp_avg", g) for p, g in zip(ps, gs)] if beta1 > 0 else []
+                accs = [self._buffer(p, "graft_acc", g) for p, g in zip(ps, gs)] if kind.has_accumulator else []
+                tsteps = [self.state[p]["step"] for p in ps]
+                x, d = compiled_graft(kind.value, beta1, gb2, group["eps"], gs, ms, accs, tsteps)
+                for i, xi, di in zip(pos, x, d):
+                    xs[i], ds[i] = xi, di
+                continue
             if beta1 > 0:  # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ)
                 ms = [self._buffer(p, "exp_avg", g) for p, g in zip(ps, gs)]
                 torch._foreach_lerp_(ms, gs, 1 - beta1)
                 x = list(torch._foreach_div(ms, [1 - beta1**t for t in ts]))
-            kind = GraftingType(group["grafting"])
             accs = [self._buffer(p, "graft_acc", g) for p, g in zip(ps, gs)] if kind.has_accumulator else []
-            gb2 = group["grafting_beta2"] if group["grafting_beta2"] is not None else group["betas"][1]
             plans = [self.plan(p, group) for p in ps]
             d = graft_directions(kind, gs, x, accs, steps=ts, beta2=gb2, eps=group["eps"], plans=plans)
             for i, xi, di in zip(pos, x, d):
@@ -541,6 +556,10 @@ class Shampoo(torch.optim.Optimizer):
             if isinstance(ps[0], DTensor):  # this rank's shard of the full update, no communication
                 dirs = [_shard_like(p, d) for p, d in zip(ps, dirs)]
             lr, wd = group["lr"], group["weight_decay"]
+            if self.compile_elementwise:
+                decay = wd if group["decoupled_weight_decay"] else 0.0
+                compiled_update(ps, dirs, torch.tensor(lr, dtype=torch.float64), decay)
+                continue
             if wd and group["decoupled_weight_decay"]:  # W ← W(1 − lr·λ)
                 torch._foreach_mul_(ps, 1 - lr * wd)
             torch._foreach_add_(ps, dirs, alpha=-lr)  # W ← W − lr·P
