@@ -311,14 +311,21 @@ class Shampoo(torch.optim.Optimizer):
         every statistic and accumulator finite (1.8e16 for a million fp32 entries).
         """
 
-        def fine(p: Tensor, grad: Tensor) -> Tensor:
-            limit = (torch.finfo(self._state_dtype(p)).max / grad.numel()) ** 0.5
-            return grad.abs().amax() < limit  # False for NaN and Inf too
+        def limit(p: Tensor, grad: Tensor) -> float:
+            return float((torch.finfo(self._state_dtype(p)).max / grad.numel()) ** 0.5)
 
-        flags: dict[torch.device, list[Tensor]] = {}
+        def fine(p: Tensor, grad: Tensor) -> Tensor:
+            return grad.abs().amax() < limit(p, grad)  # False for NaN and Inf too
+
+        per_device: dict[torch.device, list[tuple[Tensor, Tensor]]] = {}
         for _, _, p, grad in params:
-            flags.setdefault(grad.device, []).append(fine(p, grad))
-        if all(bool(torch.stack(f).all()) for f in flags.values()):  # one host sync per device
+            per_device.setdefault(grad.device, []).append((p, grad))
+        ok = True
+        for pairs in per_device.values():  # max|G|/limit < 1 for all: three fused ops and one host sync per device
+            peaks = torch._foreach_norm([g for _, g in pairs], float("inf"), dtype=torch.float64)  # NaN stays NaN
+            scaled = torch._foreach_mul(peaks, [1 / limit(p, g) for p, g in pairs])
+            ok = ok and bool((torch.stack(scaled) < 1).all())
+        if ok:
             return True
         if self.nonfinite_grad is NonFiniteGrad.RAISE:
             first = next(i for i, _, p, grad in params if not bool(fine(p, grad)))
