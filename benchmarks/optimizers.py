@@ -9,16 +9,19 @@ from torch import nn
 
 from scalable_shampoo import Shampoo
 
-OPTIMIZERS = ("shampoo", "adamw", "sgd")
+OPTIMIZERS = ("shampoo", "adamw", "sgd", "shampoo_bf16roots")
 SGD_WEIGHT_DECAY = 5e-4  # L2 (coupled), the usual value for SGD on image models
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """``shampoo``: library defaults except lr and weight decay (AdamW's); ``adamw``: torch's AdamW;
-    ``sgd``: SGD with Nesterov momentum 0.9."""
+    ``sgd``: SGD with Nesterov momentum 0.9; ``shampoo_bf16roots``: Shampoo with its roots
+    stored in bf16 (``root_storage_dtype``), to measure what that costs in loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "shampoo":
         return Shampoo(params, lr=lr, weight_decay=weight_decay)
+    if name == "shampoo_bf16roots":
+        return Shampoo(params, lr=lr, weight_decay=weight_decay, root_storage_dtype=torch.bfloat16)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":

@@ -346,7 +346,19 @@ def set_fixed_grads(model: nn.Module, seed: int) -> None:
         p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(device=p.device, dtype=p.dtype)
 
 
-def make_shampoo(model: nn.Module, block_size: int, frequency: int, start: int, batched: bool = True) -> Shampoo:
+def shampoo_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Shampoo options beyond the defaults, from ``--compile-elementwise`` and ``--bf16-roots``."""
+    out: dict[str, Any] = {}
+    if getattr(args, "compile_elementwise", False):
+        out["compile_elementwise"] = True
+    if getattr(args, "bf16_roots", False):
+        out["root_storage_dtype"] = torch.bfloat16
+    return out
+
+
+def make_shampoo(
+    model: nn.Module, block_size: int, frequency: int, start: int, batched: bool = True, **options: Any
+) -> Shampoo:
     return Shampoo(
         model.parameters(),
         lr=1e-3,
@@ -355,6 +367,7 @@ def make_shampoo(model: nn.Module, block_size: int, frequency: int, start: int, 
         precondition_frequency=frequency,
         start_preconditioning_step=start,
         batched=batched,
+        **options,
     )
 
 
@@ -416,7 +429,7 @@ def bench_step_time(
     model_b = copy.deepcopy(model_a)
     set_fixed_grads(model_a, seed=1)
     set_fixed_grads(model_b, seed=1)
-    shampoo = make_shampoo(model_a, block_size, frequency, args.start_step)
+    shampoo = make_shampoo(model_a, block_size, frequency, args.start_step, **shampoo_options(args))
     adamw = make_adamw(model_b)
     n = args.periods * frequency
     warmup = args.warmup
@@ -505,7 +518,7 @@ def bench_end_to_end(
     dims = model_dims(name, args.quick)
     shape = e2e_shape(name, args.quick, args)
     loss_of = e2e_loss(name, dims, shape, device)
-    shampoo = make_shampoo(model_a, block_size, frequency, args.start_step)
+    shampoo = make_shampoo(model_a, block_size, frequency, args.start_step, **shampoo_options(args))
     adamw = make_adamw(model_b)
 
     def iteration(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
@@ -560,8 +573,8 @@ def bench_batched(name: str, block_size: int, args: argparse.Namespace, device: 
     set_fixed_grads(model_b, seed=1)
     n, warmup, start = args.batched_steps, args.warmup, 1
     frequency = warmup + n  # roots at step 1, next at step warmup + n + 1: after the window
-    batched = make_shampoo(model_a, block_size, frequency, start, batched=True)
-    plain = make_shampoo(model_b, block_size, frequency, start, batched=False)
+    batched = make_shampoo(model_a, block_size, frequency, start, batched=True, **shampoo_options(args))
+    plain = make_shampoo(model_b, block_size, frequency, start, batched=False, **shampoo_options(args))
     record: dict[str, Any] = {
         "model": name,
         "dims": model_dims(name, args.quick),
@@ -894,6 +907,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--periods", type=int, default=2, help="measured precondition_frequency periods (≥ 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before measuring (default 3)")
     p.add_argument("--chunk", type=int, default=None, help="steps per interleaved chunk (default 10)")
+    p.add_argument("--compile-elementwise", action="store_true", help="Shampoo(compile_elementwise=True)")
+    p.add_argument("--bf16-roots", action="store_true", help="Shampoo(root_storage_dtype=torch.bfloat16)")
     p.add_argument("--e2e-models", type=_names, default=None, help="end-to-end models (default: all)")
     p.add_argument(
         "--e2e-batch", type=int, default=None,
