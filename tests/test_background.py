@@ -389,3 +389,22 @@ def test_cuda_roots_come_back_on_the_device(cuda):
     root = opt.state[model[0].weight]["root.0.0"]
     assert root.device.type == "cuda" and root.dtype == torch.float32 and torch.isfinite(root).all()
     opt.close()
+
+
+def test_compute_roots_in_batches_equals_one_matrix_at_a_time():
+    """A group of 40 equal matrices is split into ROOT_BATCHES batches; each root is the one
+    computed alone, to rounding (batched matmuls may round differently with the batch size)."""
+    from scalable_shampoo.background import ROOT_BATCHES, RootJob, RootOptions, compute_roots
+    from scalable_shampoo.matrix_roots import RootMethod
+
+    gen = torch.Generator().manual_seed(0)
+    opts = RootOptions(method=RootMethod.EIGH, eps=1e-6, relative_eps=True, dtype=torch.float32,
+                       max_residual=0.5, retries=3, newton_max_iters=100, newton_tol=1e-6)  # fmt: skip
+    mats = [(lambda g: g @ g.T)(torch.randn(12, 20, generator=gen)) for _ in range(40)]
+    jobs = [RootJob((0, i, 0), 1, m, 4, opts) for i, m in enumerate(mats)]
+    together = compute_roots(jobs)
+    assert ROOT_BATCHES < len(jobs) and [o.key for o in together] == [j.key for j in jobs]
+    for job, out in zip(jobs, together):
+        alone = compute_roots([job])[0]
+        assert out.ok and alone.ok and out.method == alone.method == "eigh/fp32"
+        torch.testing.assert_close(out.root, alone.root, rtol=1e-5, atol=1e-6)

