@@ -38,11 +38,11 @@ FREQ, START = 3, 2
 class Sleepy:
     """compute_roots after a random sleep, so results arrive late and out of order."""
 
-    def __init__(self, max_sleep: float = 0.03, seed: int = 0) -> None:
-        self.max_sleep, self.rng = max_sleep, random.Random(seed)
+    def __init__(self, max_sleep: float = 0.03, seed: int = 0, min_sleep: float = 0.0) -> None:
+        self.min_sleep, self.max_sleep, self.rng = min_sleep, max_sleep, random.Random(seed)
 
     def __call__(self, jobs: list[RootJob]) -> list[RootOutcome]:
-        time.sleep(self.rng.uniform(0, self.max_sleep))
+        time.sleep(self.rng.uniform(self.min_sleep, self.max_sleep))
         return compute_roots(jobs)
 
 
@@ -229,7 +229,9 @@ def test_checkpoint_while_pending_resumes_bitwise(mode):
     def sched():
         if mode == "deterministic":
             return BackgroundRoots(delay=delay, workers="thread", compute_fn=Sleepy(0.02))
-        return BackgroundRoots("latency", max_staleness=delay, workers="thread", compute_fn=Sleepy(0.02))
+        # slow enough that the job of step 5 is still running at the checkpoint after step 6,
+        # however loaded the machine (a fast result would be installed, leaving nothing pending)
+        return BackgroundRoots("latency", max_staleness=delay, workers="thread", compute_fn=Sleepy(0.6, min_sleep=0.5))
 
     model, opt = make(sched())
     train(model, opt, first)
