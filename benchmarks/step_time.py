@@ -559,8 +559,19 @@ def bench_end_to_end(
 
 
 # ---------------------------------------------------------------------------------------------- 5. batched vs plain
-def bench_batched(name: str, block_size: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+# two Shampoo variants timed against each other: (label, options) of the fast one, then of the reference
+PAIRS: dict[str, tuple[tuple[str, dict[str, Any]], tuple[str, dict[str, Any]]]] = {
+    "batched": (("batched", {"batched": True}), ("plain", {"batched": False})),
+    "compile": (("compiled", {"compile_elementwise": True}), ("eager", {"compile_elementwise": False})),
+}
+
+
+def bench_batched(
+    name: str, block_size: int, args: argparse.Namespace, device: torch.device, pair: str = "batched"
+) -> dict[str, Any]:
     """Shampoo ``batched=True`` against ``batched=False`` (the plain per-block loop): the step alone, interleaved.
+
+    ``pair="compile"``: ``compile_elementwise=True`` against the eager ``torch._foreach_*`` path instead.
 
     Fixed gradients, as in ``bench_step_time``. Roots are computed at the first
     (untimed) step and, with ``precondition_frequency = warmup + steps``, not again
@@ -573,9 +584,11 @@ def bench_batched(name: str, block_size: int, args: argparse.Namespace, device: 
     set_fixed_grads(model_b, seed=1)
     n, warmup, start = args.batched_steps, args.warmup, 1
     frequency = warmup + n  # roots at step 1, next at step warmup + n + 1: after the window
-    batched = make_shampoo(model_a, block_size, frequency, start, batched=True, **shampoo_options(args))
-    plain = make_shampoo(model_b, block_size, frequency, start, batched=False, **shampoo_options(args))
+    (label_a, opts_a), (label_b, opts_b) = PAIRS[pair]
+    batched = make_shampoo(model_a, block_size, frequency, start, **{**shampoo_options(args), **opts_a})
+    plain = make_shampoo(model_b, block_size, frequency, start, **{**shampoo_options(args), **opts_b})
     record: dict[str, Any] = {
+        "pair": pair,
         "model": name,
         "dims": model_dims(name, args.quick),
         "params": sum(p.numel() for p in model_a.parameters()),
@@ -594,17 +607,18 @@ def bench_batched(name: str, block_size: int, args: argparse.Namespace, device: 
         first = batched.global_step + 1
         ta, tb = interleave(batched.step, plain.step, n, args.chunk, device)
     spikes = [_is_root_step(s, start, frequency) for s in range(first, first + n)]
-    record["batched"] = summarize(ta, spikes)
-    record["plain"] = summarize(tb, spikes)
-    # plain / batched: > 1 when batching is faster
-    record.update({f"plain_over_batched_{k}": v for k, v in _ratio_dict(record["plain"], record["batched"]).items()})
+    record[label_a] = summarize(ta, spikes)
+    record[label_b] = summarize(tb, spikes)
+    # reference / fast: > 1 when the fast variant is faster
+    ratios = _ratio_dict(record[label_b], record[label_a])
+    record.update({f"{label_b}_over_{label_a}_{k}": v for k, v in ratios.items()})
     counts = root_counts(batched)
     record["root_matrices"] = counts["root_matrices"]
-    record["roots_rejected"] = {"batched": counts["roots_rejected"], "plain": root_counts(plain)["roots_rejected"]}
+    record["roots_rejected"] = {label_a: counts["roots_rejected"], label_b: root_counts(plain)["roots_rejected"]}
     with torch.no_grad():  # the two should take the same steps; a large value means they did not
         pairs = zip(model_a.parameters(), model_b.parameters(), strict=True)
         record["max_abs_param_diff"] = max(float((a - b).abs().max()) for a, b in pairs)
-    record["raw_ms"] = {"batched": [_ms(t) for t in ta], "plain": [_ms(t) for t in tb], "first_step": first}
+    record["raw_ms"] = {label_a: [_ms(t) for t in ta], label_b: [_ms(t) for t in tb], "first_step": first}
     return record
 
 
@@ -932,7 +946,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gemm-sizes", type=_ints, default=None, help="GEMM sizes (default 256,512,1024)")
     p.add_argument(
         "--sections", type=_names, default=["steps", "e2e", "roots", "flops"],
-        help="what to run: steps, e2e, roots, flops, batched (default all but batched; --batched-compare adds it)",
+        help="what to run: steps, e2e, roots, flops, batched, compile (default: the first four; "
+        "--batched-compare adds batched; compile times compile_elementwise=True against eager)",
     )  # fmt: skip
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of non-root Shampoo steps")
     p.add_argument("--profile-steps", type=int, default=5)
@@ -966,7 +981,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for m in args.models + args.e2e_models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
-    unknown = set(args.sections) - {"steps", "e2e", "roots", "flops", "batched"}
+    unknown = set(args.sections) - {"steps", "e2e", "roots", "flops", "batched", "compile"}
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}")
     return args
@@ -1036,6 +1051,12 @@ def main(argv: list[str] | None = None) -> int:
                 res["batched"].append(bench_batched(m, bs, args, device))
                 save()
         res["batched_summary"] = batched_summary(res["batched"])
+    if "compile" in sections:
+        res["compile"] = []
+        for m in args.models:
+            for bs in args.block_sizes:
+                res["compile"].append(bench_batched(m, bs, args, device, pair="compile"))
+                save()
     if "roots" in sections:
         res["roots"] = []
         for threads in args.root_threads:
