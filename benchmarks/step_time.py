@@ -485,7 +485,7 @@ def _top_ops(prof: Any, steps: int, top: int = 12) -> dict[str, Any]:
 
 
 def profile_steps(
-    opt: Shampoo, device: torch.device, steps: int, start: int, frequency: int
+    opt: Shampoo, device: torch.device, steps: int, start: int, frequency: int, root_step: bool = True
 ) -> dict[str, Any]:
     """The top ops by self time over ``steps`` non-root Shampoo steps, then over one root step (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -500,6 +500,8 @@ def profile_steps(
             done += 1
     _sync(device)
     out = _top_ops(prof, done)
+    if not root_step:
+        return out
     while not _is_root_step(opt.global_step + 1, start, frequency):
         opt.step()
     with profile(activities=activities) as prof:
@@ -619,6 +621,12 @@ def bench_batched(
         pairs = zip(model_a.parameters(), model_b.parameters(), strict=True)
         record["max_abs_param_diff"] = max(float((a - b).abs().max()) for a, b in pairs)
     record["raw_ms"] = {label_a: [_ms(t) for t in ta], label_b: [_ms(t) for t in tb], "first_step": first}
+    record["step_gflop"] = round(step_flops(model_a, batched) / 1e9, 4)  # the matmuls either variant must do
+    if args.profile:  # where each variant's time goes (non-root steps)
+        record["profile"] = {
+            label: profile_steps(opt, device, args.profile_steps, start, frequency, root_step=False)
+            for label, opt in ((label_a, batched), (label_b, plain))
+        }
     return record
 
 
