@@ -314,16 +314,19 @@ class Shampoo(torch.optim.Optimizer):
         def limit(p: Tensor, grad: Tensor) -> float:
             return float((torch.finfo(self._state_dtype(p)).max / grad.numel()) ** 0.5)
 
+        def peak(grad: Tensor) -> Tensor:  # max|G| without an |G| copy (NaN stays NaN)
+            lo, hi = torch.aminmax(grad)
+            return torch.maximum(hi, lo.neg())
+
         def fine(p: Tensor, grad: Tensor) -> Tensor:
-            return grad.abs().amax() < limit(p, grad)  # False for NaN and Inf too
+            return peak(grad) < limit(p, grad)  # False for NaN and Inf too
 
         per_device: dict[torch.device, list[tuple[Tensor, Tensor]]] = {}
         for _, _, p, grad in params:
             per_device.setdefault(grad.device, []).append((p, grad))
         ok = True
-        for pairs in per_device.values():  # max|G|/limit < 1 for all: three fused ops and one host sync per device
-            peaks = torch._foreach_norm([g for _, g in pairs], float("inf"), dtype=torch.float64)  # NaN stays NaN
-            scaled = torch._foreach_mul(peaks, [1 / limit(p, g) for p, g in pairs])
+        for pairs in per_device.values():  # max|G|/limit < 1 for all: one host sync per device
+            scaled = torch._foreach_div([peak(g) for _, g in pairs], [limit(p, g) for p, g in pairs])
             ok = ok and bool((torch.stack(scaled) < 1).all())
         if ok:
             return True
