@@ -43,7 +43,7 @@ Five measurements, all in one run and on one machine, written to one JSON file:
 The thread count is set explicitly (``--threads``) and recorded, with the torch
 version, the device, and the CPU time that other processes used during each
 measurement (from ``/proc/stat`` deltas minus this process's own CPU time; null
-where ``/proc/stat`` does not exist). See ``/work/shared/BENCHMARKS.md`` for why.
+where ``/proc/stat`` does not exist). See the project's benchmarking notes (BENCHMARKS.md) for why.
 
 Run ``python -m benchmarks.step_time --help``; ``--quick`` is a smoke test of a few seconds.
 The whole benchmark, every model, with the batched comparison::
@@ -1100,7 +1100,7 @@ def _source_info() -> dict[str, Any]:
     digest = hashlib.sha256()
     for f in sorted(pkg.glob("*.py")):
         digest.update(f.name.encode() + f.read_bytes())
-    info: dict[str, Any] = {"package_dir": str(pkg), "sources_sha256": digest.hexdigest()[:16]}
+    info: dict[str, Any] = {"sources_sha256": digest.hexdigest()[:16]}  # no paths of this machine
     try:
         def git(*cmd: str) -> str:
             return subprocess.run(
