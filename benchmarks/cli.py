@@ -21,7 +21,7 @@ from . import report
 from .data import MissingData, require
 from .diagnostics_log import DiagnosticsLog
 from .machine import CpuMonitor, describe
-from .optimizers import OPTIMIZERS
+from .optimizers import OPTIMIZERS, is_known
 from .tasks import TASKS, Task
 from .train import Point, run
 
@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments: the lm task, Shampoo vs AdamW, about 5 minutes on 2 CPU cores.",
     )
     p.add_argument("--task", default="lm", help=f"comma-separated, or 'all': {', '.join(TASKS)} (default lm)")
-    p.add_argument("--optimizers", help=f"comma-separated from {', '.join(OPTIMIZERS)} (default: the task's)")
+    p.add_argument(
+        "--optimizers",
+        help=f"comma-separated from {', '.join(OPTIMIZERS)}, or shampoo[key=value;…] for Shampoo with "
+        "other settings, e.g. 'shampoo[precondition_frequency=10;block_size=256]' (default: the task's)",
+    )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="training steps per run (default: the task's budget)")
     budget.add_argument("--epochs", type=float, help="training epochs per run, instead of --steps")
@@ -97,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _names(spec: str) -> list[str]:
+    """Split a comma list, keeping commas inside ``shampoo[…]`` (``betas=(0.9,0.99)``)."""
+    out, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += {"[": 1, "(": 1, "]": -1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [o for o in [*out, cur.strip()] if o]
+
+
 def _tasks(spec: str) -> list[Task]:
     names = list(TASKS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
     bad = [n for n in names if n not in TASKS]
@@ -106,10 +123,15 @@ def _tasks(spec: str) -> list[Task]:
 
 
 def _plan(task: Task, args: argparse.Namespace) -> tuple[list[str], dict[str, list[float]], int]:
-    optimizers = [o.strip() for o in args.optimizers.split(",")] if args.optimizers else list(task.optimizers)
-    bad = [o for o in optimizers if o not in OPTIMIZERS]
+    optimizers = _names(args.optimizers) if args.optimizers else list(task.optimizers)
+    try:
+        bad = [o for o in optimizers if not is_known(o)]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if bad:
-        raise SystemExit(f"unknown optimizer {', '.join(bad)}; choose from {', '.join(OPTIMIZERS)}")
+        raise SystemExit(
+            f"unknown optimizer {', '.join(bad)}; choose from {', '.join(OPTIMIZERS)} or shampoo[key=value;…]"
+        )
     grid = parse_lr_grid(args.lr_grid, optimizers, task)
     if args.steps is not None:
         steps = args.steps

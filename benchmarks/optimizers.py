@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +15,30 @@ OPTIMIZERS = ("shampoo", "adamw", "sgd", "shampoo_bf16roots")
 SGD_WEIGHT_DECAY = 5e-4  # L2 (coupled), the usual value for SGD on image models
 
 
+def shampoo_variant(name: str) -> dict[str, Any] | None:
+    """``shampoo[key=value;key=value]`` → Shampoo's keyword arguments (None for any other name).
+
+    For knob investigations: ``--optimizers "shampoo,shampoo[precondition_frequency=10]"``.
+    Values are Python literals (``block_size=256``, ``betas=(0.9,0.99)``).
+    """
+    if not (name.startswith("shampoo[") and name.endswith("]")):
+        return None
+    out: dict[str, Any] = {}
+    for item in filter(None, name[len("shampoo[") : -1].split(";")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"optimizer {name!r}: expected shampoo[key=value;…], got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"optimizer {name!r}: {key.strip()}={value.strip()!r} is not a Python literal") from None
+    return out
+
+
+def is_known(name: str) -> bool:
+    return name in OPTIMIZERS or shampoo_variant(name) is not None
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """``shampoo``: library defaults except lr and weight decay (AdamW's); ``adamw``: torch's AdamW;
     ``sgd``: SGD with Nesterov momentum 0.9; ``shampoo_bf16roots``: Shampoo with its roots
@@ -20,6 +46,9 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) 
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "shampoo":
         return Shampoo(params, lr=lr, weight_decay=weight_decay)
+    variant = shampoo_variant(name)
+    if variant is not None:
+        return Shampoo(params, **{"lr": lr, "weight_decay": weight_decay, **variant})
     if name == "shampoo_bf16roots":
         return Shampoo(params, lr=lr, weight_decay=weight_decay, root_storage_dtype=torch.bfloat16)
     if name == "adamw":

@@ -180,3 +180,23 @@ def test_unknown_command_and_step_time_wiring(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as e:
         cli.main(["step-time", "--help"])
     assert e.value.code == 0
+
+
+def test_shampoo_variants_parse_and_reach_the_optimizer() -> None:
+    from torch import nn
+
+    from benchmarks.cli import _names
+    from benchmarks.optimizers import is_known, make_optimizer, shampoo_variant
+
+    spec = "shampoo,shampoo[precondition_frequency=10;betas=(0.9,0.99)],adamw"
+    names = _names(spec)
+    assert names == ["shampoo", "shampoo[precondition_frequency=10;betas=(0.9,0.99)]", "adamw"]
+    assert shampoo_variant(names[1]) == {"precondition_frequency": 10, "betas": (0.9, 0.99)}
+    assert shampoo_variant("shampoo") is None and is_known(names[1]) and not is_known("shampo")
+    opt = make_optimizer(names[1], nn.Linear(3, 2), lr=2e-3, weight_decay=0.01)
+    group = opt.param_groups[0]
+    assert group["precondition_frequency"] == 10 and group["betas"] == (0.9, 0.99) and group["lr"] == 2e-3
+    with pytest.raises(ValueError, match=r"block_size='big' is not a Python literal"):
+        shampoo_variant("shampoo[block_size=big]")
+    with pytest.raises(ValueError, match=r"expected shampoo\[key=value;…\], got 'block_size'"):
+        shampoo_variant("shampoo[block_size]")
