@@ -295,12 +295,20 @@ def merge(argv: Sequence[str]) -> int:
     )
     p.add_argument("inputs", nargs="+", help="runs.csv files, or folders holding one")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="OPT=LR[,LR…]",
+        help="summarize only these lrs of OPT (e.g. the lr tuned on the first seed, when later seeds ran it alone)",
+    )
     args = p.parse_args(argv)
+    keep = {name.strip(): set(_floats(v)) for name, _, v in (k.partition("=") for k in args.keep)}
     points: list[Point] = []
     metas: list[dict[str, Any]] = []
     for x in args.inputs:
         path = Path(x) / "runs.csv" if Path(x).is_dir() else Path(x)
-        points += report.read_csv(path)
+        points += [q for q in report.read_csv(path) if q.optimizer not in keep or q.lr in keep[q.optimizer]]
         if (path.parent / "summary.json").exists():
             metas.append(json.loads((path.parent / "summary.json").read_text())["meta"])
     seen = [(q.task, q.optimizer, q.lr, q.seed) for q in points if q.step == 0]

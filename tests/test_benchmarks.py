@@ -172,6 +172,15 @@ def test_report_merges_runs_made_side_by_side(tmp_path: Path, monkeypatch: pytes
     assert (tmp_path / "lm.png").exists() and len(report.read_csv(tmp_path / "runs.csv")) == 2 * 3
     with pytest.raises(SystemExit):  # the same run twice
         cli.main(["report", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "x")])
+    # seed 0 also tried another lr; --keep summarizes only the lr that every seed ran
+    assert cli.main([*common, "--lr-grid", "5e-3", "--out", str(tmp_path / "s0b")]) == 0
+    inputs = [str(tmp_path / d) for d in ("s0", "s1", "s0b")]
+    assert cli.main(["report", *inputs, "--out", str(tmp_path / "all")]) == 0
+    assert len(json.loads((tmp_path / "all" / "summary.json").read_text())["tasks"]["lm"]["lr_grid"]["adamw"]) == 2
+    lr = report.read_csv(tmp_path / "s0" / "runs.csv")[0].lr
+    assert cli.main(["report", *inputs, "--keep", f"adamw={lr}", "--out", str(tmp_path / "kept")]) == 0
+    kept = json.loads((tmp_path / "kept" / "summary.json").read_text())["tasks"]["lm"]
+    assert kept["lr_grid"]["adamw"] == [lr] and kept["seeds"] == [0, 1]
 
 
 def test_unknown_command_and_step_time_wiring(capsys: pytest.CaptureFixture[str]) -> None:
