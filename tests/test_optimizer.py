@@ -352,3 +352,21 @@ def test_memory_report_counts_each_kind(batched):
     assert m["roots"] == m["statistics"]  # every block has its roots
     assert m["first_moment"] == m["grafting"] == m["momentum"] == m["parameters"]
     assert (m["scratch"] > 0) == batched
+
+
+def test_a_zero_statistic_gets_no_root_and_is_not_counted_as_rejected():
+    """Rows of an embedding never looked up: their block's statistic stays zero."""
+    emb = torch.nn.Embedding(40, 4)
+    opt = Shampoo(emb.parameters(), block_size=8, precondition_frequency=2, start_preconditioning_step=1)
+    before = emb.weight.detach().clone()
+    for _ in range(4):
+        opt.zero_grad()
+        emb(torch.tensor([0, 3, 5])).pow(2).sum().backward()  # rows 0-7 only: block 0 of 5
+        opt.step()
+    state = opt.state[emb.weight]
+    assert "root.0.0" in state and "root.1.0" not in state  # block 1 (rows 8-15) never had a gradient
+    assert float(state["root_info.1.0"][2]) == 0 and float(state["root_info.1.0"][4]) == 0  # λ_max 0, not rejected
+    expected = before[8:]
+    for _ in range(4):
+        expected = expected * (1 - 1e-3 * 1e-2)  # W ← W(1 − lr·λ): only weight decay moved them
+    assert torch.equal(emb.weight[8:].detach(), expected)

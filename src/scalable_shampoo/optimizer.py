@@ -432,8 +432,8 @@ class Shampoo(torch.optim.Optimizer):
                 state[f"root.{b}.{a}"] = view if view is not None else out.root.to(storage, copy=True)
                 installed = out.step
                 state[f"root_method.{b}.{a}"] = out.method
-            else:
-                rejected += 1  # the previous root, if any, stays in use
+            elif out.lambda_max != 0:  # the previous root, if any, stays in use
+                rejected += 1  # (a zero statistic, say of embedding rows never looked up, has no root: not a failure)
             state[info_key] = torch.tensor(
                 [out.step, out.residual, out.lambda_max, out.eps, rejected, installed], dtype=torch.float64
             )
