@@ -488,25 +488,20 @@ class Shampoo(torch.optim.Optimizer):
         for pos in self._fused(params):
             group = params[pos[0]][1]
             ps, gs, ts = [params[i][2] for i in pos], [grads[i] for i in pos], [steps[i] for i in pos]
-            x = gs
-            beta1 = group["betas"][0]
-            kind = GraftingType(group["grafting"])
+            beta1, kind = group["betas"][0], GraftingType(group["grafting"])
             gb2 = group["grafting_beta2"] if group["grafting_beta2"] is not None else group["betas"][1]
-            if self.compile_elementwise and not kind.normalized:
-                ms = [self._buffer(p, "exp_avg", g) for p, g in zip(ps, gs)] if beta1 > 0 else []
-                accs = [self._buffer(p, "graft_acc", g) for p, g in zip(ps, gs)] if kind.has_accumulator else []
-                tsteps = [self.state[p]["step"] for p in ps]
-                x, d = compiled_graft(kind.value, beta1, gb2, group["eps"], gs, ms, accs, tsteps)
-                for i, xi, di in zip(pos, x, d):
-                    xs[i], ds[i] = xi, di
-                continue
-            if beta1 > 0:  # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ)
-                ms = [self._buffer(p, "exp_avg", g) for p, g in zip(ps, gs)]
-                torch._foreach_lerp_(ms, gs, 1 - beta1)
-                x = list(torch._foreach_div(ms, [1 - beta1**t for t in ts]))
+            ms = [self._buffer(p, "exp_avg", g) for p, g in zip(ps, gs)] if beta1 > 0 else []
             accs = [self._buffer(p, "graft_acc", g) for p, g in zip(ps, gs)] if kind.has_accumulator else []
-            plans = [self.plan(p, group) for p in ps]
-            d = graft_directions(kind, gs, x, accs, steps=ts, beta2=gb2, eps=group["eps"], plans=plans)
+            if self.compile_elementwise and not kind.normalized:  # the same math, through torch.compile
+                steps_t = [self.state[p]["step"] for p in ps]
+                x, d = compiled_graft(kind.value, beta1, gb2, group["eps"], gs, ms, accs, steps_t)
+            else:
+                x = gs
+                if beta1 > 0:  # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ)
+                    torch._foreach_lerp_(ms, gs, 1 - beta1)
+                    x = list(torch._foreach_div(ms, [1 - beta1**t for t in ts]))
+                plans = [self.plan(p, group) for p in ps]  # D ← graft(Ĝ)
+                d = graft_directions(kind, gs, x, accs, steps=ts, beta2=gb2, eps=group["eps"], plans=plans)
             for i, xi, di in zip(pos, x, d):
                 xs[i], ds[i] = xi, di
         return xs, ds
