@@ -152,7 +152,7 @@ class Shampoo(torch.optim.Optimizer):
         precondition_1d: bool = False,
         exponent_override: int | None = None,
         precondition_frequency: int = 20,
-        start_preconditioning_step: int = 20,
+        start_preconditioning_step: int = 10,
         matrix_eps: float = 1e-6,
         matrix_eps_relative: bool = True,
         root_method: RootMethod | str = RootMethod.AUTO,
