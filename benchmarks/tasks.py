@@ -291,7 +291,7 @@ TASKS: dict[str, Task] = {
         default_steps=3 * 468,
         eval_every=117,
         weight_decay=0.01,
-        lrs={"shampoo": 2e-3, "adamw": 2e-3, "sgd": 0.05},
+        lrs={"shampoo": 4e-3, "adamw": 4e-3, "sgd": 0.05},
         optimizers=("shampoo", "adamw", "sgd"),
     ),
     "ctr": Task(
