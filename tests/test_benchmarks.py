@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import cli, data, report
-from benchmarks.optimizers import warmup_cosine
-from benchmarks.tasks import TASKS
-from benchmarks.train import Point, run
+from scalable_shampoo_bench import cli, data, report
+from scalable_shampoo_bench.optimizers import warmup_cosine
+from scalable_shampoo_bench.tasks import TASKS
+from scalable_shampoo_bench.train import Point, run
 
 
 # --------------------------------------------------------------------------- target and time to target
@@ -194,8 +194,8 @@ def test_unknown_command_and_step_time_wiring(capsys: pytest.CaptureFixture[str]
 def test_shampoo_variants_parse_and_reach_the_optimizer() -> None:
     from torch import nn
 
-    from benchmarks.cli import _names
-    from benchmarks.optimizers import is_known, make_optimizer, shampoo_variant
+    from scalable_shampoo_bench.cli import _names
+    from scalable_shampoo_bench.optimizers import is_known, make_optimizer, shampoo_variant
 
     spec = "shampoo,shampoo[precondition_frequency=10;betas=(0.9,0.99)],adamw"
     names = _names(spec)

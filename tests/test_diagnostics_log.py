@@ -3,7 +3,7 @@ import csv
 import torch
 from torch import nn
 
-from benchmarks.diagnostics_log import DiagnosticsLog
+from scalable_shampoo_bench.diagnostics_log import DiagnosticsLog
 from scalable_shampoo import Shampoo
 
 

@@ -1,11 +1,11 @@
-"""Smoke test of benchmarks/step_time.py: it runs, and the JSON has what the report needs (no timing claims)."""
+"""Smoke test of scalable_shampoo_bench/step_time.py: it runs, and the JSON has what the report needs (no timing claims)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from benchmarks.step_time import MODELS, main
+from scalable_shampoo_bench.step_time import MODELS, main
 
 
 def _positive(x: object) -> bool:

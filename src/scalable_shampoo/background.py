@@ -26,7 +26,7 @@ worker uses the process's torch thread count, so set it, e.g. 1 on 2 cores).
 ``workers="process"`` runs each worker in a spawned process with ``num_threads``
 torch/OpenMP threads (``OMP_WAIT_POLICY=passive``) and an optional ``nice``; it
 costs ~2 s of start-up (importing torch) and pickles each snapshot and root.
-Measured on the shared 2-core CPU (``python -m benchmarks.background_time``:
+Measured on the shared 2-core CPU (``python -m scalable_shampoo_bench.background_time``:
 4×Linear(512), eigh roots every 20 steps, 80 steps, 1 torch thread, medians of 3
 interleaved repeats while other processes used ~85% of the CPU), end-to-end time
 relative to inline: latency/thread 0.82, latency/process 1.14,

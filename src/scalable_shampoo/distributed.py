@@ -13,7 +13,7 @@ the same statistics and takes the same step. Only the roots are split:
 recomputation (every ``precondition_frequency`` steps) and then used for every
 step until the next one, while directions would have to be exchanged every
 step. Per recomputation each rank receives every root it does not own: at most
-Σ n² floats over all statistics (``benchmarks/distributed_time.py`` reports the
+Σ n² floats over all statistics (``scalable_shampoo_bench/distributed_time.py`` reports the
 bytes against the parameter count). The bytes are gathered verbatim
 (``all_gather`` of a byte buffer, no arithmetic), so every rank installs roots
 bit-identical to those the owner computed, and the run is bit-identical to a

@@ -1,0 +1,155 @@
+"""Inline vs background roots: step time and end-to-end time on this machine.
+
+A regression MLP of ``--layers`` Linear layers ``--dim``×``--dim`` (block_size =
+dim, so every weight has two dim×dim statistics whose roots are expensive), trained
+for ``--steps`` steps with eigh roots every ``--freq`` steps. The variants run
+interleaved (A B C … A B C …) ``--repeats`` times; the table gives medians over
+repeats of: per-step wall time (median, mean, max, max/median), end-to-end time,
+the final loss, and how busy the machine was from other processes (/proc/stat).
+
+    python -m scalable_shampoo_bench.background_time            # ~5–8 minutes on 2 cores
+
+Writes ``scalable_shampoo_bench/results/background_time.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalable_shampoo import Shampoo
+from scalable_shampoo.background import BackgroundRoots, InlineRoots, RootScheduler
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine, from /proc/stat."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    idle = f[3] + f[4]
+    return (sum(f) - idle) / CLK, sum(f) / CLK
+
+
+def proc_cpu(pid: int) -> float:
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / CLK
+    except OSError:
+        return 0.0
+
+
+def make_scheduler(name: str, delay: int, staleness: int) -> RootScheduler:
+    if name == "inline":
+        return InlineRoots()
+    mode, workers = name.split("-")[1:3]  # bg-<mode>-<workers>[-<threads>t]
+    threads = int(name.split("-")[3][:-1]) if name.count("-") == 3 else 1
+    kw: dict[str, Any] = dict(workers=workers, num_threads=threads)
+    if mode == "det":
+        return BackgroundRoots("deterministic", delay=delay, **kw)
+    return BackgroundRoots("latency", max_staleness=staleness, **kw)
+
+
+def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    dims = [args.dim] * (args.layers + 1)
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:], strict=True):
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers[:-1])
+    teacher = torch.nn.Linear(args.dim, args.dim)
+    sched = make_scheduler(name, args.delay, args.staleness)
+    opt = Shampoo(model.parameters(), lr=args.lr, block_size=args.dim, precondition_frequency=args.freq,
+                  start_preconditioning_step=args.freq, root_method="eigh", scheduler=sched)
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(args.batch, args.dim, generator=gen) for _ in range(8)]
+    time.sleep(args.warmup)  # a worker process imports torch meanwhile, as a real run's data loading would
+    busy0, tot0 = machine_busy()
+    own0 = sum(os.times()[:2])
+    step_times, opt_times = [], []
+    t0 = time.perf_counter()
+    loss = torch.tensor(0.0)
+    for i in range(args.steps):
+        ts = time.perf_counter()
+        x = data[i % len(data)]
+        with torch.no_grad():
+            y = torch.tanh(teacher(x))
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        to = time.perf_counter()
+        opt.step()
+        te = time.perf_counter()
+        step_times.append(te - ts)
+        opt_times.append(te - to)
+    total = time.perf_counter() - t0
+    worker_cpu = sum(proc_cpu(r.process.pid) for r in getattr(sched, "_runners", []))
+    own = sum(os.times()[:2]) - own0 + worker_cpu
+    busy1, tot1 = machine_busy()
+    opt.close()
+    med = statistics.median(step_times)
+    return dict(
+        variant=name, total_s=total, step_median_s=med, step_mean_s=statistics.fmean(step_times),
+        step_max_s=max(step_times), max_over_median=max(step_times) / med,
+        opt_median_s=statistics.median(opt_times), opt_max_s=max(opt_times), final_loss=float(loss.detach()),
+        other_cpu_frac=max(0.0, (busy1 - busy0) - own) / max(tot1 - tot0, 1e-9),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--freq", type=int, default=20)
+    ap.add_argument("--delay", type=int, default=5)
+    ap.add_argument("--staleness", type=int, default=19)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument(
+        "--variants", default="inline,bg-latency-process,bg-latency-thread,bg-det-process,bg-det-thread",
+        help="comma list: inline, bg-<det|latency>-<process|thread>[-<n>t]",
+    )
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "background_time.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for rep in range(args.repeats):
+        for v in variants:  # interleaved
+            r = run(v, args)
+            runs[v].append(r)
+            print(f"[{rep}] {v:24s} total {r['total_s']:6.1f}s  step med {r['step_median_s'] * 1e3:6.0f}ms "
+                  f"max {r['step_max_s'] * 1e3:6.0f}ms  other-cpu {r['other_cpu_frac']:.0%}", flush=True)
+    keys = ["total_s", "step_median_s", "step_mean_s", "step_max_s", "max_over_median", "opt_median_s",
+            "opt_max_s", "final_loss", "other_cpu_frac"]
+    summary = {v: {k: statistics.median(r[k] for r in rs) for k in keys} for v, rs in runs.items()}
+    base = summary[variants[0]]["total_s"]
+    print(f"\ntorch threads {args.threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+          f"{args.layers}×Linear({args.dim}), batch {args.batch}, {args.steps} steps, roots every {args.freq} "
+          f"(eigh), medians of {args.repeats} interleaved repeats")
+    print(f"{'variant':24s} {'total s':>8s} {'vs ' + variants[0]:>10s} {'step med':>9s} {'mean':>7s} {'max':>7s} "
+          f"{'max/med':>7s} {'loss':>8s} {'other cpu':>9s}")
+    for v, s in summary.items():
+        print(f"{v:24s} {s['total_s']:8.1f} {s['total_s'] / base:10.2f} {s['step_median_s'] * 1e3:7.0f}ms "
+              f"{s['step_mean_s'] * 1e3:5.0f}ms {s['step_max_s'] * 1e3:5.0f}ms {s['max_over_median']:7.2f} "
+              f"{s['final_loss']:8.5f} {s['other_cpu_frac']:9.0%}")
+    out = dict(config=vars(args) | {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                                    "torch": torch.__version__, "cpus": os.cpu_count()},
+               summary=summary, runs=runs)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
