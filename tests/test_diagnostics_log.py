@@ -3,8 +3,8 @@ import csv
 import torch
 from torch import nn
 
-from scalable_shampoo_bench.diagnostics_log import DiagnosticsLog
 from scalable_shampoo import Shampoo
+from scalable_shampoo_bench.diagnostics_log import DiagnosticsLog
 
 
 def test_diagnostics_go_to_csv_and_tensorboard(tmp_path):

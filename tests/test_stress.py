@@ -5,8 +5,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scalable_shampoo_bench.stress_report import gradient as structured  # the stress cases, shared with the report
 from scalable_shampoo import GraftingType, Shampoo
+from scalable_shampoo_bench.stress_report import gradient as structured  # the stress cases, shared with the report
 
 CASES = ["rank1", "zero", "cond1e12", "huge", "overflow", "tiny", "alternating"]
 
