@@ -1,4 +1,4 @@
-"""Smoke test of scalable_shampoo_bench/step_time.py: it runs, and the JSON has what the report needs (no timing claims)."""
+"""Smoke test of scalable_shampoo_bench/step_time.py: it runs, and the JSON has what the report needs."""
 
 from __future__ import annotations
 
