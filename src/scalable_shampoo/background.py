@@ -107,7 +107,7 @@ class RootJob:
     key: Key
     step: int  # the parameter's step at which the statistic was taken
     matrix: Tensor
-    p: int
+    exponent: int  # p in L^(-1/p)
     options: RootOptions
 
 
@@ -138,16 +138,16 @@ def compute_roots(jobs: list[RootJob]) -> list[RootOutcome]:
     groups: dict[tuple[Any, ...], list[RootJob]] = defaultdict(list)
     for job in jobs:
         m = job.matrix
-        groups[(job.options, job.p, m.shape, m.dtype, m.device)].append(job)
+        groups[(job.options, job.exponent, m.shape, m.dtype, m.device)].append(job)
     outcomes = []
     chunks = []
     for key, group in groups.items():
         size = max(1, -(-len(group) // ROOT_BATCHES))
         chunks += [(key, group[i : i + size]) for i in range(0, len(group), size)]
-    for (opts, p, _, _, _), batch in chunks:
+    for (opts, exponent, _, _, _), batch in chunks:
         res = inverse_root(
             torch.stack([j.matrix for j in batch]),
-            p,
+            exponent,
             eps=opts.eps,
             relative_eps=opts.relative_eps,
             method=opts.method,

@@ -1,40 +1,72 @@
-"""Equal blocks stacked: the batched hot path of ``Shampoo(batched=True)``.
+"""The per-block engine: blocks stacked in buckets, the only place the block math runs.
 
-Blocks of every parameter that share a shape, preconditioned axes, state dtype,
-device and the hyperparameters of the stacked math (β₂, grafting) form a
-:class:`Bucket`. Per axis a bucket keeps a statistics stack ``[B, n, n]`` and a
-roots stack ``[B, n, n]``, so a step is a handful of batched ops per bucket::
+Blocks of every parameter that share a :class:`BucketKey` (shape, preconditioned
+axes, dtypes, device, and the two hyperparameters baked into the stacked math:
+β₂ and whether P is rescaled) form a :class:`Bucket`. Per axis a bucket keeps a
+statistics stack ``[B, n, n]`` and a roots stack ``[B, n, n]``, so a step is a
+handful of batched ops per bucket, each formula from ``kronecker.py`` or
+``grafting.py``::
 
     G ← gather(blocks of the gradients)          one copy
-    H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ                    torch.baddbmm
-    P ← Ĝ ×ₐ H_a^(-1/p);  P ← P·‖D‖/‖P‖           torch.bmm; norms over the block dims
+    H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ                    accumulate_statistics_ (torch.baddbmm)
+    P ← Ĝ ×ₐ H_a^(-1/p);  P ← P·‖D‖/‖P‖           grafted_direction (torch.bmm, norms per block)
     P ← D where a block has no roots yet          the has-root mask
     scatter(P)                                   one copy back
 
-The per-block entries ``stat.{b}.{a}`` and ``root.{b}.{a}`` of ``state.py`` stay in
-``optimizer.state[p]`` as *views* of the stacks: ``state_dict()`` is per parameter
-and ``torch.save`` stores each stack once. ``root.{b}.{a}`` appears, as in the plain
-path, only once a root is installed. The buckets are built lazily and rebuilt
-(re-stacked, views re-pointed) when the parameters with a gradient, their plans
-or hyperparameters change, and after ``load_state_dict`` or ``add_param_group``.
+``Shampoo(batched=True)`` (the default) stacks equal blocks of all parameters;
+``batched=False`` gives every block a bucket of its own (a stack of one), the
+per-block reference that the stacked grouping is tested against: the same code.
+
+The contract with the optimizer: :meth:`Buckets.bind` makes the per-block entries
+``stat.{b}.{a}`` and ``root.{b}.{a}`` of ``optimizer.state[p]`` (``state.py``)
+*views* of the stacks, so ``state_dict()`` stays per parameter and ``torch.save``
+stores each stack once; :meth:`Buckets.install_root` writes a new root into its
+stack and returns the view for the state. ``root.{b}.{a}`` appears only once a
+root is installed. The buckets are rebuilt (re-stacked, views re-pointed) only
+when what they are built from changes: the parameters with a gradient, their
+plans, dtypes, devices, β₂ or rescaling, and after ``load_state_dict`` or
+``add_param_group``. Other hyperparameters (lr, β₁, ε, weight decay, momentum)
+are read at each step and never rebuild anything.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .blocks import BlockPlan, block_views
-from .kronecker import stacked_precondition, stacked_unfolding
+from .grafting import grafted_direction
+from .kronecker import accumulate_statistics_
+from .state import root_key, stat_key
 
-__all__ = ["Bucket", "Buckets"]
+__all__ = ["Bucket", "BucketKey", "Buckets", "Entry"]
 
-# what a parameter brings to the buckets:
-# (p, plan, state dtype, device, (betas, grafting, exponent_override, root_storage_dtype))
-Entry = tuple[Tensor, BlockPlan, torch.dtype, torch.device, tuple[Any, ...]]
+
+class Entry(NamedTuple):
+    """What one parameter with a gradient brings to the engine."""
+
+    p: Tensor
+    plan: BlockPlan
+    dtype: torch.dtype  # of its statistics and of the stacked work (fp32, or fp64 for fp64 params)
+    device: torch.device
+    root_dtype: torch.dtype  # the installed roots' storage (``root_storage_dtype``)
+    beta2: float
+    rescale: bool  # P ← P·‖D‖/‖P‖ (every grafting type but ``none``)
+
+
+class BucketKey(NamedTuple):
+    """What blocks must share to be stacked together."""
+
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    root_dtype: torch.dtype
+    beta2: float
+    rescale: bool
 
 
 @dataclass
@@ -58,13 +90,10 @@ class Member:
 class Bucket:
     """Equal blocks of any number of parameters, with stacked statistics and roots."""
 
-    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 hyper: tuple[Any, ...]) -> None:  # fmt: skip
-        self.shape, self.axes, self.dtype, self.device = shape, axes, dtype, device
-        beta2 = hyper[0][1]
-        self.beta2, self.w = beta2, 1.0 if beta2 == 1 else 1.0 - beta2
-        self.rescale = hyper[1] != "none"  # grafting NONE keeps Shampoo's own scale
-        self.root_dtype = hyper[3] or dtype  # the roots' storage (root_storage_dtype)
+    def __init__(self, key: BucketKey, keep_scratch: bool = True) -> None:
+        self.key = key
+        self.keep_scratch = keep_scratch
+        self.shape, self.axes, self.dtype, self.device = key.shape, key.axes, key.dtype, key.device
         self.members: list[Member] = []
         self.rows = 0
         self.stats: dict[int, Tensor] = {}
@@ -72,7 +101,6 @@ class Bucket:
         self.installed: list[set[int]] = []  # per row: the axes with a root
         self.ready = 0  # rows with a root on every axis
         self._mask: Tensor | None = None
-        self.g: Tensor | None = None  # this step's gathered gradient, between the two stages
         self._work: dict[str, Tensor] = {}
 
     # ---------------------------------------------------------------- layout
@@ -82,16 +110,16 @@ class Bucket:
         for a in self.axes:
             n = self.shape[a]
             self.stats[a] = torch.zeros(self.rows, n, n, dtype=self.dtype, device=self.device)
-            self.roots[a] = torch.zeros(self.rows, n, n, dtype=self.root_dtype, device=self.device)
+            self.roots[a] = torch.zeros(self.rows, n, n, dtype=self.key.root_dtype, device=self.device)
             for m in self.members:
                 st = state[m.p]
                 for row, b in enumerate(m.blocks, m.lo):
-                    if (s := st.get(f"stat.{b}.{a}")) is not None:
+                    if (s := st.get(stat_key(b, a))) is not None:
                         self.stats[a][row].copy_(s)
-                    st[f"stat.{b}.{a}"] = self.stats[a][row]
-                    if (r := st.get(f"root.{b}.{a}")) is not None:
+                    st[stat_key(b, a)] = self.stats[a][row]
+                    if (r := st.get(root_key(b, a))) is not None:
                         self.roots[a][row].copy_(r)
-                        st[f"root.{b}.{a}"] = self.roots[a][row]
+                        st[root_key(b, a)] = self.roots[a][row]
                         self.installed[row].add(a)
         self.ready = sum(len(s) == len(self.axes) for s in self.installed)
 
@@ -102,7 +130,7 @@ class Bucket:
             st = state.get(m.p, {})
             for b in m.blocks:
                 for a in self.axes:
-                    for key in (f"stat.{b}.{a}", f"root.{b}.{a}"):
+                    for key in (stat_key(b, a), root_key(b, a)):
                         t = st.get(key)
                         if t is not None and any(t._base is s for s in stacks):
                             st[key] = t.clone()
@@ -129,8 +157,9 @@ class Bucket:
     def work(self, name: str) -> Tensor:
         """A ``[B, *block]`` scratch stack. Kept from step to step on a CPU, where a fresh
         large tensor costs page faults on every touch (more than the ops on it);
-        elsewhere the caching allocator already recycles memory."""
-        if self.device.type != "cpu":
+        elsewhere the caching allocator already recycles memory. The plain path
+        (a bucket per block) keeps none: its memory is the reference."""
+        if self.device.type != "cpu" or not self.keep_scratch:
             return torch.empty((self.rows, *self.shape), dtype=self.dtype, device=self.device)
         if name not in self._work:
             self._work[name] = torch.empty((self.rows, *self.shape), dtype=self.dtype, device=self.device)
@@ -168,42 +197,36 @@ class Bucket:
             torch._foreach_copy_(dst, src)
 
     # ---------------------------------------------------------------- the math
-    def update_statistics(self, grads: list[Tensor]) -> None:
-        """H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ for every block, one ``baddbmm`` per axis."""
-        self.g = g = self.gather(grads, self.work("g"))
+    def update_statistics(self, grads: list[Tensor]) -> Tensor:
+        """H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ for every block; returns the gathered G (a scratch stack)."""
+        g = self.gather(grads, self.work("g"))
         for a in self.axes:
-            u = stacked_unfolding(g, a)
-            self.stats[a].baddbmm_(u, u.mT, beta=self.beta2, alpha=self.w)
+            accumulate_statistics_(self.stats[a], g, a, self.key.beta2)
+        return g
 
     def direction(self, x: Tensor, d: Tensor) -> Tensor:
-        """P ← Ĝ ×ₐ H_a^(-1/p);  P ← P·‖D‖/‖P‖ per block; P = D for a block without roots.
+        """P for every block: preconditioned and rescaled where the block has roots, else D.
 
-        Ĝ is pre-scaled by its max per block, as in the plain path: the same P, no overflow.
+        ``x`` (Ĝ) and ``d`` (D) are this step's gathered stacks; ``x`` is overwritten.
         """
         work = (self.work("mid"), self.work("pre")) if self.device.type == "cpu" else None
         roots = {a: r.to(x.dtype) for a, r in self.roots.items()}  # the same tensors unless stored in bf16
-        if not self.rescale:
-            pre = stacked_precondition(x, roots, work)
-        else:  # x and d are this step's gathered copies: x is scaled in place (d is kept)
-            d = self.work("d").copy_(x) if x is d else d
-            dims = tuple(range(1, x.dim()))
-            tiny = torch.finfo(x.dtype).tiny
-            d_norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
-            x_max = torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_())
-            pre = stacked_precondition(x.div_(x_max.clamp_min_(tiny)), roots, work)
-            pre = pre.mul_(d_norm.div_(torch.linalg.vector_norm(pre, dim=dims, keepdim=True).clamp_min_(tiny)))
+        if self.key.rescale and x is d:  # x is scaled in place: keep D
+            d = self.work("d").copy_(x)
+        pre = grafted_direction(x, d, roots, self.key.rescale, work)
         if self.ready == self.rows:
             return pre
         return torch.where(self.mask(), pre, d, out=pre)
 
 
 class Buckets:
-    """All buckets of an optimizer, rebuilt lazily when what they were built from changes."""
+    """All buckets of an optimizer, rebuilt only when what they were built from changes."""
 
     def __init__(self) -> None:
         self.buckets: list[Bucket] = []
         self.signature: list[tuple[Any, ...]] | None = None
         self.where: dict[tuple[int, int], tuple[Bucket, int]] = {}  # (id(p), block) → (bucket, row)
+        self.builds = 0  # how many times the buckets were (re)built
 
     def invalidate(self) -> None:
         self.signature = None
@@ -212,23 +235,28 @@ class Buckets:
         """The scratch stacks kept between steps (for the memory report)."""
         return [t for bucket in self.buckets for t in bucket._work.values()]
 
-    def refresh(self, state: Any, entries: list[Entry]) -> None:
-        """Rebuild the buckets unless ``entries`` (the parameters with a gradient) are unchanged."""
-        signature = [(id(p), plan, dtype, device, hyper) for p, plan, dtype, device, hyper in entries]
+    def bind(self, state: Any, entries: list[Entry], batched: bool) -> None:
+        """Stack the blocks of ``entries`` (this step's parameters with a gradient) and make
+        their ``stat``/``root`` state entries views of the stacks; nothing if unchanged.
+
+        ``batched``: equal blocks of all parameters share a bucket; else one bucket per block.
+        """
+        signature = [(id(e.p), *e[1:]) for e in entries] + [(batched,)]
         if signature == self.signature:
             return
         for bucket in self.buckets:
             bucket.release(state)
         found: dict[tuple[Any, ...], Bucket] = {}
-        for pos, (p, plan, dtype, device, hyper) in enumerate(entries):
-            tiled = len({blk.shape for blk in plan.blocks}) == 1
+        for pos, e in enumerate(entries):
+            tiled = len({blk.shape for blk in e.plan.blocks}) == 1
             per_bucket: dict[tuple[Any, ...], list[int]] = {}
-            for b, blk in enumerate(plan.blocks):
+            for b, blk in enumerate(e.plan.blocks):
                 if blk.axes:
-                    per_bucket.setdefault((blk.shape, blk.axes, dtype, device, hyper), []).append(b)
-            for key, blocks in per_bucket.items():
-                bucket = found.get(key) or found.setdefault(key, Bucket(key[0], key[1], dtype, device, hyper))
-                bucket.members.append(Member(pos, p, plan, blocks, bucket.rows, tiled))
+                    key = BucketKey(blk.shape, blk.axes, e.dtype, e.device, e.root_dtype, e.beta2, e.rescale)
+                    per_bucket.setdefault((key,) if batched else (key, pos, b), []).append(b)
+            for group, blocks in per_bucket.items():
+                bucket = found.get(group) or found.setdefault(group, Bucket(group[0], batched))
+                bucket.members.append(Member(pos, e.p, e.plan, blocks, bucket.rows, tiled and batched))
                 bucket.rows += len(blocks)
         self.buckets = list(found.values())
         self.where = {}
@@ -237,28 +265,34 @@ class Buckets:
             for m in bucket.members:
                 self.where |= {(id(m.p), b): (bucket, row) for row, b in enumerate(m.blocks, m.lo)}
         self.signature = signature
+        self.builds += 1
 
     def install_root(self, p: Tensor, block: int, axis: int, root: Tensor) -> Tensor | None:
         """The state entry for a new root of a bucketed block (a view of its stack), else None."""
         found = self.where.get((id(p), block))
         return found[0].install(found[1], axis, root) if found is not None else None
 
-    def update_statistics(self, grads: list[Tensor]) -> None:
-        for bucket in self.buckets:
-            bucket.update_statistics(grads)
+    def update_statistics(self, grads: list[Tensor]) -> list[Tensor]:
+        """H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ for every bucketed block; the gathered G of each bucket."""
+        return [bucket.update_statistics(grads) for bucket in self.buckets]
 
-    def directions(self, grads: list[Tensor], xs: list[Tensor], ds: list[Tensor], outs: list[Tensor]) -> None:
-        """Write P into the blocks of ``outs`` that have roots (``outs`` starts as D).
+    def directions(
+        self, gathered: list[Tensor], grads: list[Tensor], xs: list[Tensor], ds: list[Tensor]
+    ) -> list[Tensor]:
+        """P of every parameter: D, with P written into the blocks that have roots.
 
-        Buckets hold disjoint blocks, so writing one bucket's rows into ``outs``
-        never changes what another bucket gathers, even where ``outs[i] is ds[i]``.
+        ``gathered`` is what :meth:`update_statistics` returned this step (G per bucket).
+        Buckets hold disjoint blocks, so writing one bucket's rows into the output
+        never changes what another bucket gathers.
         """
-        for bucket in self.buckets:
-            g, bucket.g = bucket.g, None
+        # contiguous, and never the gradient itself: P is written into them
+        outs = [d.clone(memory_format=torch.contiguous_format) if d is g else d.contiguous() for d, g in zip(ds, grads)]
+        for bucket, g in zip(self.buckets, gathered, strict=True):
             if not bucket.ready:
                 continue
             same_x = all(xs[m.pos] is grads[m.pos] for m in bucket.members)
             # x may take g's stack: the statistics are done with it
-            x = g if same_x and g is not None else bucket.gather(xs, bucket.work("g"))
+            x = g if same_x else bucket.gather(xs, bucket.work("g"))
             d = x if all(ds[m.pos] is xs[m.pos] for m in bucket.members) else bucket.gather(ds, bucket.work("d"))
             bucket.scatter(bucket.direction(x, d), outs)
+        return outs

@@ -1,4 +1,4 @@
-"""Split root work across data-parallel ranks (paper §4; SPEC §6).
+"""Split root work across data-parallel ranks (paper §4).
 
 Under data parallelism the gradients are already averaged, so every rank holds
 the same statistics and takes the same step. Only the roots are split:
@@ -35,9 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from .background import InlineRoots, Key, RootJob, RootOptions, RootOutcome, RootScheduler
 from .matrix_roots import RootMethod, fallback_chain
@@ -185,6 +183,9 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: t
     """Save with ``torch.distributed.checkpoint``: the model as DCP shards (FSDP2 or
     DDP), the optimizer's state, identical on every rank, as one object. Call on
     every rank; a checkpoint saved at one world size loads at any other."""
+    import torch.distributed.checkpoint as dcp  # here, so that importing the library does not load it
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     buf = io.BytesIO()
     torch.save(optimizer.state_dict(), buf)
     buf.seek(0)
@@ -193,6 +194,9 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: t
 
 def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load what :func:`save_checkpoint` wrote, resharding the model to this world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
     state: dict[str, Any] = {"model": get_model_state_dict(model), "optimizer": io.BytesIO()}
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])

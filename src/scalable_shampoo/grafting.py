@@ -1,8 +1,8 @@
 """Grafting: a first-order method supplies each block's step size (Agarwal et al. 2020).
 
 Shampoo's direction P is rescaled per block to the norm of the update ``D``
-that the grafting method would make: ``P ← P·‖D‖/‖P‖``. Every method here
-is elementwise; its accumulator has the parameter's shape.
+that the grafting method would make: ``P ← P·‖D‖/‖P‖`` (:func:`grafted_direction`).
+Every method here is elementwise; its accumulator has the parameter's shape.
 
 =====================  ==========================================  ==============================
 type                   accumulator v (from the gradient g)         direction D (from x = Ĝ)
@@ -22,14 +22,16 @@ statistics do.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from enum import Enum
 
 import torch
 from torch import Tensor
 
 from .blocks import BlockPlan, block_views
+from .kronecker import stacked_precondition
 
-__all__ = ["GraftingType", "graft_directions"]
+__all__ = ["GraftingType", "bias_correction", "graft_directions", "grafted_direction"]
 
 
 class GraftingType(str, Enum):
@@ -50,6 +52,11 @@ class GraftingType(str, Enum):
         return self in (GraftingType.NORMALIZED_ADAGRAD, GraftingType.NORMALIZED_RMSPROP)
 
 
+def bias_correction(beta: float, t: int | Tensor) -> float | Tensor:
+    """1 − βᵗ (in float64 for a tensor step, as for an int one)."""
+    return 1 - beta ** (t.double() if isinstance(t, Tensor) else t)
+
+
 def _normalize_blocks(t: Tensor, plan: BlockPlan) -> Tensor:
     """A copy of ``t`` with every block scaled to unit Frobenius norm (zero stays zero)."""
     out = t.clone()
@@ -65,7 +72,7 @@ def graft_directions(
     xs: list[Tensor],
     accumulators: list[Tensor],
     *,
-    steps: list[int],
+    steps: Sequence[int | Tensor],
     beta2: float,
     eps: float,
     plans: list[BlockPlan],
@@ -75,7 +82,8 @@ def graft_directions(
     One fused ``torch._foreach_*`` op per line of the table above, over all the
     parameters of one param group (same device and dtype). ``gs`` are this step's
     gradients, ``xs`` the (possibly momentum-filtered) gradients being
-    preconditioned; both are left unchanged. ``steps`` are the parameters' step counts.
+    preconditioned; both are left unchanged. ``steps`` are the parameters' step counts
+    (ints, or 0-d tensors in the compiled path).
     """
     if not kind.has_accumulator:
         return list(xs)
@@ -89,6 +97,27 @@ def graft_directions(
         torch._foreach_addcmul_(accumulators, gs, gs, value=1 - beta2)
     denom = torch._foreach_sqrt(accumulators)
     if kind is GraftingType.ADAM and beta2 < 1:  # √(v/(1−β₂ᵗ))
-        torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in steps])
+        torch._foreach_div_(denom, [bias_correction(beta2, t) ** 0.5 for t in steps])
     torch._foreach_add_(denom, eps)
     return list(torch._foreach_div(xs, denom))
+
+
+def grafted_direction(
+    x: Tensor, d: Tensor, roots: Mapping[int, Tensor], rescale: bool, work: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """P ← Ĝ ×ₐ H_a^(-1/p);  P ← P·‖D‖/‖P‖, for every block of a stack ``[B, *block]``.
+
+    ``x`` is Ĝ and ``d`` the grafting update D, both stacks; ``roots`` are ``[B, n, n]``
+    stacks per preconditioned axis; ``work`` as for :func:`stacked_precondition`.
+    Without ``rescale`` (grafting ``none``) P keeps Shampoo's own scale. With it, Ĝ is
+    first divided by its max per block, in place (so ``x`` must not be ``d``): P is the
+    same after the rescale, and no power of a large Ĝ can overflow.
+    """
+    if not rescale:
+        return stacked_precondition(x, roots, work)
+    dims = tuple(range(1, x.dim()))
+    tiny = torch.finfo(x.dtype).tiny
+    d_norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
+    x_max = torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_())
+    pre = stacked_precondition(x.div_(x_max.clamp_min_(tiny)), roots, work)
+    return pre.mul_(d_norm.div_(torch.linalg.vector_norm(pre, dim=dims, keepdim=True).clamp_min_(tiny)))

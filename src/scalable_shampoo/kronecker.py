@@ -5,8 +5,10 @@ mode-i unfolding; a matrix G has ``H_0 = G·Gᵀ`` (L) and ``H_1 = Gᵀ·G`` (R)
 Preconditioning contracts G with ``H_i^(-1/p)`` along every preconditioned axis:
 ``L^(-1/p)·G·R^(-1/p)`` for a matrix.
 
-The ``stacked_*`` functions do the same for a stack ``[B, *block]`` of equal
-blocks with ``[B, n, n]`` stacks of statistics and roots (batched matmuls).
+The optimizer works on stacks ``[B, *block]`` of equal blocks with ``[B, n, n]``
+stacks of statistics and roots (batched matmuls): :func:`accumulate_statistics_`
+and :func:`stacked_precondition`. ``axis_statistic`` and ``precondition`` are the
+same formulas for one block (a stack of one).
 """
 
 from __future__ import annotations
@@ -16,30 +18,36 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["axis_statistic", "precondition", "stacked_precondition", "stacked_unfolding"]
+__all__ = [
+    "accumulate_statistics_",
+    "axis_statistic",
+    "precondition",
+    "stacked_precondition",
+    "stacked_unfolding",
+    "statistic_weight",
+]
+
+
+def statistic_weight(beta2: float) -> float:
+    """w in H ← β₂·H + w·G₍ᵢ₎G₍ᵢ₎ᵀ: 1 for a sum (β₂ = 1, AdaGrad style), else 1 − β₂ (an EMA)."""
+    return 1.0 if beta2 == 1 else 1.0 - beta2
+
+
+def accumulate_statistics_(stats: Tensor, g: Tensor, axis: int, beta2: float) -> Tensor:
+    """H ← β₂·H + w·G₍ᵢ₎G₍ᵢ₎ᵀ in place, for a stack ``[B, n, n]`` and blocks ``[B, *block]``."""
+    u = stacked_unfolding(g, axis)
+    return stats.baddbmm_(u, u.mT, beta=beta2, alpha=statistic_weight(beta2))
 
 
 def axis_statistic(g: Tensor, axis: int) -> Tensor:
-    """``G₍ᵢ₎·G₍ᵢ₎ᵀ``: contract every axis but ``axis`` of G with itself."""
-    if g.dim() == 2:
-        return g @ g.T if axis == 0 else g.T @ g
-    others = [d for d in range(g.dim()) if d != axis]
-    return torch.tensordot(g, g, dims=(others, others))
+    """``G₍ᵢ₎·G₍ᵢ₎ᵀ`` of one block: every axis but ``axis`` of G contracted with itself."""
+    u = stacked_unfolding(g.unsqueeze(0), axis)
+    return (u @ u.mT)[0]
 
 
 def precondition(g: Tensor, roots: Mapping[int, Tensor]) -> Tensor:
-    """Contract G with the symmetric matrix ``roots[i]`` along each axis i in ``roots``.
-
-    Each axis in turn is contracted (or, without a root, moved) to the end,
-    so after all k axes the original order is back.
-    """
-    if g.dim() == 2 and len(roots) == 2:
-        return roots[0] @ g @ roots[1]
-    x = g
-    for axis in range(g.dim()):
-        root = roots.get(axis)
-        x = torch.tensordot(x, root, dims=([0], [0])) if root is not None else x.movedim(0, -1)
-    return x
+    """One block G contracted with the symmetric matrix ``roots[i]`` along each axis i in ``roots``."""
+    return stacked_precondition(g.unsqueeze(0), {a: r.unsqueeze(0) for a, r in roots.items()})[0]
 
 
 def stacked_unfolding(g: Tensor, axis: int) -> Tensor:

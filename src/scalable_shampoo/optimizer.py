@@ -14,13 +14,14 @@ One step, for every parameter and every block of it (see ``blocks.py``)::
 β₁ filters the gradient *before* it is preconditioned, so that with no roots
 Shampoo with Adam, AdaGrad or SGD grafting is exactly Adam(W), Adagrad or SGD.
 
-The per-block stages run either as a loop over blocks (``batched=False``, the
-reference) or stacked: equal blocks of all parameters as one tensor per bucket,
-with batched matmuls (``buckets.py``, the default).
+The class gathers tensors; the formulas live in pure functions: the per-block
+math in ``kronecker.py`` and ``grafting.py``, run by one engine (``buckets.py``)
+on stacks of equal blocks, and the elementwise math in ``functional.py``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
@@ -31,14 +32,13 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
-from .blocks import BlockPlan, block_views, make_plan
-from .buckets import Buckets
+from .blocks import BlockPlan, make_plan
+from .buckets import Buckets, Entry
 from .distributed import DistributedRoots
-from .fused import compiled_graft, compiled_update
-from .grafting import GraftingType, graft_directions
-from .kronecker import axis_statistic, precondition
+from .functional import compiled, graft_stage_, heavy_ball_, weight_update_
+from .grafting import GraftingType
 from .matrix_roots import RootMethod
-from .state import StateCodec, diagnostics, memory
+from .state import RootInfo, StateCodec, diagnostics, info_key, memory, method_key, root_key, stat_key
 
 __all__ = ["NonFiniteGrad", "Shampoo"]
 
@@ -75,6 +75,10 @@ def _enum_value(cls: type[Enum], name: str, value: Any) -> str:
 def _require(ok: bool, name: str, value: Any, what: str) -> None:
     if not ok:
         raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _grafting(group: dict[str, Any]) -> GraftingType:
+    return GraftingType(group["grafting"])
 
 
 def _is_number(x: Any) -> bool:
@@ -128,7 +132,7 @@ class Shampoo(torch.optim.Optimizer):
             stacked tensors and batched matmuls (``buckets.py``); ``False`` is the
             plain per-block loop, the reference it is tested against.
         compile_elementwise: run the first moment, the grafting accumulators and the
-            weight update through ``torch.compile`` (``fused.py``) instead of eager
+            weight update through ``torch.compile`` (``functional.py``) instead of eager
             ``torch._foreach_*`` ops. Off by default: on a CPU it was slower (see the
             README). Normalized grafting and heavy-ball momentum stay eager.
     """
@@ -201,7 +205,7 @@ class Shampoo(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.batched = bool(batched)
         self.compile_elementwise = bool(compile_elementwise)
-        self._buckets = Buckets()  # stacked blocks; state entries are views of them
+        self._buckets = Buckets()  # the engine: stacked blocks; state entries are views of them
         super().__init__(params, defaults)
         StateCodec.attach(self)
 
@@ -350,16 +354,18 @@ class Shampoo(torch.optim.Optimizer):
 
         # G ← ∇W (+ λW with L2 weight decay)
         grads = [self._gradient(p, grad, group) for _, group, p, grad in params]
+        steps = self._count_steps(params)
+        self._buckets.bind(self.state, self._entries(params, grads), self.batched)
         # L_i ← β₂·L_i + w·G₍ᵢ₎G₍ᵢ₎ᵀ, per block and axis
-        steps = self._update_statistics(params, grads)
+        gathered = self._buckets.update_statistics(grads)
         # every N steps: roots (collected here, computed by the scheduler)
         jobs = [job for (i, group, p, _), t in zip(params, steps) for job in self._due_roots(i, p, group, t)]
         # roots L^(-1/p): inline, or results of earlier background jobs that apply now
         self._install_roots(self.scheduler.run(self.global_step, jobs))
         # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ);  D ← graft(Ĝ)
         xs, ds = self._graft(params, grads, steps)
-        # P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖D‖/‖P‖
-        directions = self._directions(params, grads, xs, ds)
+        # P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖D‖/‖P‖  (P = D for a block without roots)
+        directions = self._buckets.directions(gathered, grads, xs, ds)
         # B ← μB + P;  W ← W(1 − lr·λ) − lr·P
         self._apply_updates(params, directions)
         return loss
@@ -370,8 +376,8 @@ class Shampoo(torch.optim.Optimizer):
             g = g.add(_full(p).to(g.dtype), alpha=group["weight_decay"])  # L2: G ← G + λW
         return g
 
-    def _update_statistics(self, params: list[ParamGrad], grads: list[Tensor]) -> list[int]:
-        """Count each parameter's step and update its blocks' statistics; returns the steps."""
+    def _count_steps(self, params: list[ParamGrad]) -> list[int]:
+        """t ← t + 1 for every parameter with a gradient; returns the new counts."""
         steps = []
         for _, _, p, _ in params:
             state = self.state[p]
@@ -379,30 +385,15 @@ class Shampoo(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0, dtype=torch.int64)
             state["step"] += 1
             steps.append(int(state["step"]))
-        if self.batched:
-            entries = [
-                (p, self.plan(p, group), g.dtype, g.device,
-                 (tuple(group["betas"]), group["grafting"], group["exponent_override"], group["root_storage_dtype"]))
-                for (_, group, p, _), g in zip(params, grads)
-            ]  # fmt: skip
-            self._buckets.refresh(self.state, entries)
-            self._buckets.update_statistics(grads)
-        else:
-            for (_, group, p, _), g in zip(params, grads):
-                self._block_statistics(p, g, group)
         return steps
 
-    def _block_statistics(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> None:
-        state = self.state[p]
-        beta2 = group["betas"][1]
-        w = 1.0 if beta2 == 1 else 1.0 - beta2
-        plan = self.plan(p, group)
-        for b, (block, gb) in enumerate(zip(plan.blocks, block_views(g.contiguous(), plan))):
-            for a in block.axes:
-                key = f"stat.{b}.{a}"
-                if key not in state:
-                    state[key] = torch.zeros(block.shape[a], block.shape[a], dtype=g.dtype, device=g.device)
-                state[key].mul_(beta2).add_(axis_statistic(gb, a), alpha=w)
+    def _entries(self, params: list[ParamGrad], grads: list[Tensor]) -> list[Entry]:
+        """What the engine stacks: each parameter's plan, dtypes, device, β₂ and rescaling."""
+        return [
+            Entry(p, self.plan(p, group), g.dtype, g.device, group["root_storage_dtype"] or g.dtype,
+                  group["betas"][1], _grafting(group) is not GraftingType.NONE)
+            for (_, group, p, _), g in zip(params, grads)
+        ]  # fmt: skip
 
     def _due_roots(self, index: int, p: Tensor, group: dict[str, Any], step: int) -> list[RootJob]:
         start, every = group["start_preconditioning_step"], group["precondition_frequency"]
@@ -410,12 +401,13 @@ class Shampoo(torch.optim.Optimizer):
             return []
         state, plan, opts = self.state[p], self.plan(p, group), self._root_options(group)
         return [
-            RootJob((index, b, a), step, state[f"stat.{b}.{a}"], block.exponent(group["exponent_override"]), opts)
+            RootJob((index, b, a), step, state[stat_key(b, a)], block.exponent(group["exponent_override"]), opts)
             for b, block in enumerate(plan.blocks)
             for a in block.axes
         ]
 
     def _install_roots(self, outcomes: list[RootOutcome]) -> None:
+        """Install each accepted root (into its stack) and record every attempt's :class:`RootInfo`."""
         if not outcomes:
             return
         params = [(p, group) for group in self.param_groups for p in group["params"]]
@@ -423,20 +415,19 @@ class Shampoo(torch.optim.Optimizer):
             index, b, a = out.key
             p, group = params[index]
             state = self.state[p]
-            info_key = f"root_info.{b}.{a}"
-            old = state[info_key].tolist() if info_key in state else [0.0, 0.0, 0.0, 0.0, 0.0, -1.0]
-            rejected, installed = old[4], old[5]
-            if out.ok:  # into the bucket's stack when batched, else its own storage (not a view of the batch)
-                view = self._buckets.install_root(p, b, a, out.root) if self.batched else None
+            info = RootInfo.from_tensor(state.get(info_key(b, a)))
+            rejected, installed = info.rejected, info.installed_step
+            if out.ok:  # into the bucket's stack, or its own storage if the block is not stacked now
+                view = self._buckets.install_root(p, b, a, out.root)
                 storage = group["root_storage_dtype"] or out.root.dtype
-                state[f"root.{b}.{a}"] = view if view is not None else out.root.to(storage, copy=True)
+                state[root_key(b, a)] = view if view is not None else out.root.to(storage, copy=True)
+                state[method_key(b, a)] = out.method
                 installed = out.step
-                state[f"root_method.{b}.{a}"] = out.method
             elif out.lambda_max != 0:  # the previous root, if any, stays in use
                 rejected += 1  # (a zero statistic, say of embedding rows never looked up, has no root: not a failure)
-            state[info_key] = torch.tensor(
-                [out.step, out.residual, out.lambda_max, out.eps, rejected, installed], dtype=torch.float64
-            )
+            residual = out.residual if math.isfinite(out.residual) else -1.0  # stored state stays finite
+            info = RootInfo(out.step, residual, out.lambda_max, out.eps, rejected, installed)
+            state[info_key(b, a)] = info.to_tensor()
 
     def diagnostics(self) -> dict[str, Any]:
         """Per-block health of the preconditioner. Reads CPU-side state only: no device sync.
@@ -480,94 +471,45 @@ class Shampoo(torch.optim.Optimizer):
     def _graft(
         self, params: list[ParamGrad], grads: list[Tensor], steps: list[int]
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """(Ĝ, D) of every parameter: the filtered gradient and the grafting update.
-
-        Elementwise, so each line is one fused ``torch._foreach_*`` op per group of tensors.
-        """
+        """(Ĝ, D) of every parameter: the filtered gradient and the grafting update."""
         xs, ds = list(grads), list(grads)
         for pos in self._fused(params):
             group = params[pos[0]][1]
-            ps, gs, ts = [params[i][2] for i in pos], [grads[i] for i in pos], [steps[i] for i in pos]
-            beta1, kind = group["betas"][0], GraftingType(group["grafting"])
+            ps, gs = [params[i][2] for i in pos], [grads[i] for i in pos]
+            beta1, kind = group["betas"][0], _grafting(group)
             gb2 = group["grafting_beta2"] if group["grafting_beta2"] is not None else group["betas"][1]
             ms = [self._buffer(p, "exp_avg", g) for p, g in zip(ps, gs)] if beta1 > 0 else []
             accs = [self._buffer(p, "graft_acc", g) for p, g in zip(ps, gs)] if kind.has_accumulator else []
-            if self.compile_elementwise and not kind.normalized:  # the same math, through torch.compile
-                steps_t = [self.state[p]["step"] for p in ps]
-                x, d = compiled_graft(kind.value, beta1, gb2, group["eps"], gs, ms, accs, steps_t)
+            plans = [self.plan(p, group) for p in ps]
+            if self.compile_elementwise and not kind.normalized:  # step counts as tensors: no recompiles
+                ts: list[Any] = [self.state[p]["step"] for p in ps]
+                stage = compiled(graft_stage_)
             else:
-                x = gs
-                if beta1 > 0:  # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ)
-                    torch._foreach_lerp_(ms, gs, 1 - beta1)
-                    x = list(torch._foreach_div(ms, [1 - beta1**t for t in ts]))
-                plans = [self.plan(p, group) for p in ps]  # D ← graft(Ĝ)
-                d = graft_directions(kind, gs, x, accs, steps=ts, beta2=gb2, eps=group["eps"], plans=plans)
+                ts, stage = [steps[i] for i in pos], graft_stage_
+            x, d = stage(kind, beta1, gb2, group["eps"], gs, ms, accs, ts, plans)
             for i, xi, di in zip(pos, x, d):
                 xs[i], ds[i] = xi, di
         return xs, ds
-
-    def _directions(
-        self, params: list[ParamGrad], grads: list[Tensor], xs: list[Tensor], ds: list[Tensor]
-    ) -> list[Tensor]:
-        """P of every parameter: per block in a loop, or stacked per bucket when batched."""
-        if not self.batched:
-            return [self._direction(p, x, d, group) for (_, group, p, _), x, d in zip(params, xs, ds)]
-        # contiguous, and never the gradient itself: the buckets write P into them
-        outs = [d.clone(memory_format=torch.contiguous_format) if d is g else d.contiguous() for d, g in zip(ds, grads)]
-        self._buckets.directions(grads, xs, ds, outs)
-        return outs
-
-    def _direction(self, p: Tensor, x: Tensor, d: Tensor, group: dict[str, Any]) -> Tensor:
-        """The plain path's P: a loop over the blocks of one parameter."""
-        state, plan = self.state[p], self.plan(p, group)
-        if not plan.preconditioned:
-            return d
-        x, d = x.contiguous(), d.contiguous()
-        out = torch.empty_like(d)
-        tiny = torch.finfo(d.dtype).tiny
-        for b, (block, xb, db, ob) in enumerate(
-            zip(plan.blocks, block_views(x, plan), block_views(d, plan), block_views(out, plan))
-        ):
-            roots = {a: state[f"root.{b}.{a}"].to(xb.dtype) for a in block.axes if f"root.{b}.{a}" in state}
-            if not block.axes or len(roots) < len(block.axes):
-                ob.copy_(db)  # no roots yet: the grafting update
-                continue
-            if group["grafting"] == GraftingType.NONE:
-                pre = precondition(xb, roots)
-            else:  # P ← P·‖D‖/‖P‖ (Ĝ pre-scaled by its max: the same P, with no overflow)
-                pre = precondition(xb / xb.abs().amax().clamp_min(tiny), roots)
-                pre = pre * (torch.linalg.vector_norm(db) / torch.linalg.vector_norm(pre).clamp_min(tiny))
-            ob.copy_(pre)
-        return out
 
     def _apply_updates(self, params: list[ParamGrad], directions: list[Tensor]) -> None:
         """B ← μB + P (B starts as P);  W ← W(1 − lr·λ) − lr·P, fused per group of tensors."""
         for pos in self._fused(params):
             group = params[pos[0]][1]
             ps, dirs = [params[i][2] for i in pos], [directions[i] for i in pos]
-            mu = group["momentum"]
-            if mu > 0:
+            if group["momentum"] > 0:
                 states = [self.state[p] for p in ps]
-                old = [(st["momentum_buffer"], d) for st, d in zip(states, dirs) if "momentum_buffer" in st]
-                if old:  # B ← μB + P
-                    torch._foreach_mul_([b for b, _ in old], mu)
-                    torch._foreach_add_([b for b, _ in old], [d for _, d in old])
-                for st, d in zip(states, dirs):
-                    if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = d.clone()
-                bufs = [self.state[p]["momentum_buffer"] for p in ps]
-                dirs = list(torch._foreach_add(dirs, bufs, alpha=mu)) if group["nesterov"] else bufs
+                bufs = [st.get("momentum_buffer") for st in states]
+                bufs, dirs = heavy_ball_(bufs, dirs, group["momentum"], group["nesterov"])
+                for st, buf in zip(states, bufs):
+                    st["momentum_buffer"] = buf
             dirs = [d.to(p.dtype) for p, d in zip(ps, dirs)]
             if isinstance(ps[0], DTensor):  # this rank's shard of the full update, no communication
                 dirs = [_shard_like(p, d) for p, d in zip(ps, dirs)]
-            lr, wd = group["lr"], group["weight_decay"]
-            if self.compile_elementwise:
-                decay = wd if group["decoupled_weight_decay"] else 0.0
-                compiled_update(ps, dirs, torch.tensor(lr, dtype=torch.float64), decay)
-                continue
-            if wd and group["decoupled_weight_decay"]:  # W ← W(1 − lr·λ)
-                torch._foreach_mul_(ps, 1 - lr * wd)
-            torch._foreach_add_(ps, dirs, alpha=-lr)  # W ← W − lr·P
+            decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+            if self.compile_elementwise:  # the lr as a tensor: a schedule does not recompile
+                compiled(weight_update_)(ps, dirs, torch.tensor(group["lr"], dtype=torch.float64), decay)
+            else:
+                weight_update_(ps, dirs, group["lr"], decay)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

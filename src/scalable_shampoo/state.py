@@ -14,8 +14,9 @@ key                         what
 ``stat.{b}.{a}``            statistic H_a of block b (fp32; fp64 for fp64 params)
 ``root.{b}.{a}``            installed inverse root (absent until the first one), in
                             ``root_storage_dtype`` (default: the statistic's dtype)
-``root_info.{b}.{a}``       float64 CPU ``[last attempt's step, residual, λ_max, ε_eff,``
-                            ``rejected so far, step of the installed root or -1]``
+``root_info.{b}.{a}``       a :class:`RootInfo` as a float64 CPU tensor ``[last attempt's``
+                            ``step, residual or -1, λ_max, ε_eff, rejected so far,``
+                            ``step of the installed root or -1]``: finite always
 ``root_method.{b}.{a}``     the fallback stage of the installed root, e.g. ``"eigh/fp32"``
 ==========================  ===================================================
 
@@ -37,17 +38,68 @@ from __future__ import annotations
 import os
 import tempfile
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 if TYPE_CHECKING:
     from .optimizer import Shampoo
 
-__all__ = ["FORMAT_VERSION", "TOP_KEY", "StateCodec", "atomic_save", "diagnostics"]
+__all__ = [
+    "FORMAT_VERSION",
+    "TOP_KEY",
+    "RootInfo",
+    "StateCodec",
+    "atomic_save",
+    "diagnostics",
+    "info_key",
+    "method_key",
+    "root_key",
+    "stat_key",
+]
 
 FORMAT_VERSION = 1
 TOP_KEY = "scalable_shampoo"
+
+
+# The per-block keys, built here alone: block b, axis a.
+def stat_key(block: int, axis: int) -> str:  # the statistic H_a of block b
+    return f"stat.{block}.{axis}"
+
+
+def root_key(block: int, axis: int) -> str:  # its installed inverse root
+    return f"root.{block}.{axis}"
+
+
+def info_key(block: int, axis: int) -> str:  # its RootInfo, as a float64 CPU tensor
+    return f"root_info.{block}.{axis}"
+
+
+def method_key(block: int, axis: int) -> str:  # the fallback stage of its installed root
+    return f"root_method.{block}.{axis}"
+
+
+class RootInfo(NamedTuple):
+    """What is known of one statistic's roots; stored as a float64 CPU tensor in this order.
+
+    ``residual`` is -1 where no finite residual was measured (a zero statistic, or a
+    root that came out non-finite), and ``installed_step`` is -1 before the first
+    root: every stored value is finite, so a check that the state is finite passes.
+    """
+
+    last_attempt_step: float = 0.0  # the step of the statistic the last computation used
+    residual: float = -1.0  # max|X^p·A·V − V| on probe vectors, of the last computation
+    lambda_max: float = 0.0
+    eps: float = 0.0  # ε_eff of the last computation
+    rejected: float = 0.0  # roots rejected so far
+    installed_step: float = -1.0  # the step of the statistic the installed root came from
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.tensor(self, dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor | None) -> RootInfo:
+        return cls() if t is None else cls(*t.tolist())
 
 
 def _on_cpu(key: str) -> bool:
@@ -92,7 +144,7 @@ class StateCodec:
         for (pid, group), p in zip(saved, params):
             state = sd["state"].get(pid, {})
             plan = opt.plan(p, {**group, "params": [p]})
-            expected = {f"stat.{b}.{a}": (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes}
+            expected = {stat_key(b, a): (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes}
             expected |= {k: tuple(p.shape) for k in ("exp_avg", "graft_acc", "momentum_buffer")}
             missing = [k for k in expected if k.startswith("stat.") and k not in state]
             if state and ("step" not in state or missing):
@@ -156,22 +208,18 @@ def diagnostics(opt: Shampoo) -> dict[str, Any]:
             step = int(state["step"])
             for b, block in enumerate(opt.plan(p, group).blocks):
                 for a in block.axes:
-                    row: dict[str, Any] = dict(
+                    info = RootInfo.from_tensor(state.get(info_key(b, a)))
+                    attempted = info_key(b, a) in state
+                    installed = int(info.installed_step) if info.installed_step >= 0 else None
+                    rows.append(dict(
                         param=index, block=b, axis=a, dim=block.shape[a], step=step,
-                        has_root=f"root.{b}.{a}" in state, root_step=None, staleness=None,
-                        last_attempt_step=None, residual=None, lambda_max=None, eps=None, rejected=0,
-                        method=state.get(f"root_method.{b}.{a}"),
-                    )  # fmt: skip
-                    info = state.get(f"root_info.{b}.{a}")
-                    if info is not None:
-                        last, residual, lam, eps, rejected, installed = info.tolist()
-                        row.update(
-                            last_attempt_step=int(last), residual=residual, lambda_max=lam, eps=eps,
-                            rejected=int(rejected),
-                        )  # fmt: skip
-                        if installed >= 0:
-                            row.update(root_step=int(installed), staleness=step - int(installed))
-                    rows.append(row)
+                        has_root=root_key(b, a) in state, root_step=installed,
+                        staleness=None if installed is None else step - installed,
+                        last_attempt_step=int(info.last_attempt_step) if attempted else None,
+                        residual=info.residual if attempted and info.residual >= 0 else None,
+                        lambda_max=info.lambda_max if attempted else None, eps=info.eps if attempted else None,
+                        rejected=int(info.rejected), method=state.get(method_key(b, a)),
+                    ))  # fmt: skip
     return {"global_step": opt.global_step, "skipped_steps": opt.skipped_steps, "blocks": rows}
 
 
