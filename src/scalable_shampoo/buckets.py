@@ -1,8 +1,8 @@
 """The per-block engine: blocks stacked in buckets, the only place the block math runs.
 
-Blocks of every parameter that share a :class:`BucketKey` (shape, preconditioned
-axes, dtypes, device, and the two hyperparameters baked into the stacked math:
-β₂ and whether P is rescaled) form a :class:`Bucket`. Per axis a bucket keeps a
+Blocks of every parameter that share a shape, preconditioned axes and a
+:class:`Spec` (dtypes, device, and the two hyperparameters baked into the stacked
+math: β₂ and whether P is rescaled) form a :class:`Bucket`. Per axis a bucket keeps a
 statistics stack ``[B, n, n]`` and a roots stack ``[B, n, n]``, so a step is a
 handful of batched ops per bucket, each formula from ``kronecker.py`` or
 ``grafting.py``::
@@ -13,9 +13,8 @@ handful of batched ops per bucket, each formula from ``kronecker.py`` or
     P ← D where a block has no roots yet          the has-root mask
     scatter(P)                                   one copy back
 
-``Shampoo(batched=True)`` (the default) stacks equal blocks of all parameters;
-``batched=False`` gives every block a bucket of its own (a stack of one), the
-per-block reference that the stacked grouping is tested against: the same code.
+``batched=False`` gives every block a bucket of its own (a stack of one): the
+per-block reference that the stacking is tested against runs the same code.
 
 The contract with the optimizer: :meth:`Buckets.bind` makes the per-block entries
 ``stat.{b}.{a}`` and ``root.{b}.{a}`` of ``optimizer.state[p]`` (``state.py``)
@@ -23,10 +22,9 @@ The contract with the optimizer: :meth:`Buckets.bind` makes the per-block entrie
 stores each stack once; :meth:`Buckets.install_root` writes a new root into its
 stack and returns the view for the state. ``root.{b}.{a}`` appears only once a
 root is installed. The buckets are rebuilt (re-stacked, views re-pointed) only
-when what they are built from changes: the parameters with a gradient, their
-plans, dtypes, devices, β₂ or rescaling, and after ``load_state_dict`` or
-``add_param_group``. Other hyperparameters (lr, β₁, ε, weight decay, momentum)
-are read at each step and never rebuild anything.
+when the parameters with a gradient, their plans or specs change, and after
+``load_state_dict`` or ``add_param_group``: lr, β₁, ε, weight decay or momentum
+(which a scheduler may change every step) never rebuild anything.
 """
 
 from __future__ import annotations
@@ -42,7 +40,17 @@ from .grafting import grafted_direction
 from .kronecker import accumulate_statistics_
 from .state import root_key, stat_key
 
-__all__ = ["Bucket", "BucketKey", "Buckets", "Entry"]
+__all__ = ["Bucket", "Buckets", "Entry", "Spec"]
+
+
+class Spec(NamedTuple):
+    """What a parameter's blocks must share, besides their shape and axes, to be stacked."""
+
+    dtype: torch.dtype  # of the statistics and the stacked work (fp32, or fp64 for fp64 params)
+    device: torch.device
+    root_dtype: torch.dtype  # the installed roots' storage (``root_storage_dtype``)
+    beta2: float
+    rescale: bool  # P ← P·‖D‖/‖P‖ (every grafting type but ``none``)
 
 
 class Entry(NamedTuple):
@@ -50,23 +58,7 @@ class Entry(NamedTuple):
 
     p: Tensor
     plan: BlockPlan
-    dtype: torch.dtype  # of its statistics and of the stacked work (fp32, or fp64 for fp64 params)
-    device: torch.device
-    root_dtype: torch.dtype  # the installed roots' storage (``root_storage_dtype``)
-    beta2: float
-    rescale: bool  # P ← P·‖D‖/‖P‖ (every grafting type but ``none``)
-
-
-class BucketKey(NamedTuple):
-    """What blocks must share to be stacked together."""
-
-    shape: tuple[int, ...]
-    axes: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-    root_dtype: torch.dtype
-    beta2: float
-    rescale: bool
+    spec: Spec
 
 
 @dataclass
@@ -90,10 +82,9 @@ class Member:
 class Bucket:
     """Equal blocks of any number of parameters, with stacked statistics and roots."""
 
-    def __init__(self, key: BucketKey, keep_scratch: bool = True) -> None:
-        self.key = key
-        self.keep_scratch = keep_scratch
-        self.shape, self.axes, self.dtype, self.device = key.shape, key.axes, key.dtype, key.device
+    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], spec: Spec, keep_scratch: bool = True) -> None:
+        self.shape, self.axes, self.spec, self.keep_scratch = shape, axes, spec, keep_scratch
+        self.dtype, self.device = spec.dtype, spec.device
         self.members: list[Member] = []
         self.rows = 0
         self.stats: dict[int, Tensor] = {}
@@ -110,7 +101,7 @@ class Bucket:
         for a in self.axes:
             n = self.shape[a]
             self.stats[a] = torch.zeros(self.rows, n, n, dtype=self.dtype, device=self.device)
-            self.roots[a] = torch.zeros(self.rows, n, n, dtype=self.key.root_dtype, device=self.device)
+            self.roots[a] = torch.zeros(self.rows, n, n, dtype=self.spec.root_dtype, device=self.device)
             for m in self.members:
                 st = state[m.p]
                 for row, b in enumerate(m.blocks, m.lo):
@@ -155,10 +146,8 @@ class Bucket:
 
     # ---------------------------------------------------------------- gather / scatter
     def work(self, name: str) -> Tensor:
-        """A ``[B, *block]`` scratch stack. Kept from step to step on a CPU, where a fresh
-        large tensor costs page faults on every touch (more than the ops on it);
-        elsewhere the caching allocator already recycles memory. The plain path
-        (a bucket per block) keeps none: its memory is the reference."""
+        """A ``[B, *block]`` scratch stack, kept between steps on a CPU (a fresh large tensor
+        costs page faults on every touch; CUDA's allocator recycles memory anyway)."""
         if self.device.type != "cpu" or not self.keep_scratch:
             return torch.empty((self.rows, *self.shape), dtype=self.dtype, device=self.device)
         if name not in self._work:
@@ -167,41 +156,33 @@ class Bucket:
 
     def gather(self, tensors: list[Tensor], buf: Tensor) -> Tensor:
         """Fill ``buf`` with the ``[B, *block]`` stack of the members' blocks of ``tensors[pos]``."""
-        dst, src = [], []
-        for m in self.members:
-            t = tensors[m.pos].contiguous()
-            if m.tiled:
-                tiles = m.tiles(t, self.shape)
-                buf[m.lo : m.lo + len(m.blocks)].view(tiles.shape).copy_(tiles)
-            else:
-                views = block_views(t, m.plan)
-                dst += [buf[row] for row in range(m.lo, m.lo + len(m.blocks))]
-                src += [views[b] for b in m.blocks]
-        if dst:
-            torch._foreach_copy_(dst, src)
+        self._copy(buf, [tensors[m.pos].contiguous() for m in self.members], into_stack=True)
         return buf
 
     def scatter(self, stack: Tensor, outs: list[Tensor]) -> None:
         """Write each row of ``stack`` into its block of ``outs[pos]`` (contiguous tensors)."""
-        dst, src = [], []
-        for m in self.members:
-            t = outs[m.pos]
-            if m.tiled:
-                tiles = m.tiles(t, self.shape)
-                tiles.copy_(stack[m.lo : m.lo + len(m.blocks)].view(tiles.shape))
+        self._copy(stack, [outs[m.pos] for m in self.members], into_stack=False)
+
+    def _copy(self, stack: Tensor, tensors: list[Tensor], into_stack: bool) -> None:
+        """Copy between the rows of ``stack`` and the members' blocks of ``tensors`` (one per member)."""
+        rows, blocks = [], []
+        for m, t in zip(self.members, tensors):
+            if m.tiled:  # one strided copy for all of the member's blocks
+                tiles, part = m.tiles(t, self.shape), stack[m.lo : m.lo + len(m.blocks)]
+                part.view(tiles.shape).copy_(tiles) if into_stack else tiles.copy_(part.view(tiles.shape))
             else:
                 views = block_views(t, m.plan)
-                dst += [views[b] for b in m.blocks]
-                src += [stack[row] for row in range(m.lo, m.lo + len(m.blocks))]
-        if dst:
-            torch._foreach_copy_(dst, src)
+                rows += [stack[row] for row in range(m.lo, m.lo + len(m.blocks))]
+                blocks += [views[b] for b in m.blocks]
+        if rows:
+            torch._foreach_copy_(rows, blocks) if into_stack else torch._foreach_copy_(blocks, rows)
 
     # ---------------------------------------------------------------- the math
     def update_statistics(self, grads: list[Tensor]) -> Tensor:
         """H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ for every block; returns the gathered G (a scratch stack)."""
         g = self.gather(grads, self.work("g"))
         for a in self.axes:
-            accumulate_statistics_(self.stats[a], g, a, self.key.beta2)
+            accumulate_statistics_(self.stats[a], g, a, self.spec.beta2)
         return g
 
     def direction(self, x: Tensor, d: Tensor) -> Tensor:
@@ -211,9 +192,9 @@ class Bucket:
         """
         work = (self.work("mid"), self.work("pre")) if self.device.type == "cpu" else None
         roots = {a: r.to(x.dtype) for a, r in self.roots.items()}  # the same tensors unless stored in bf16
-        if self.key.rescale and x is d:  # x is scaled in place: keep D
+        if self.spec.rescale and x is d:  # x is scaled in place: keep D
             d = self.work("d").copy_(x)
-        pre = grafted_direction(x, d, roots, self.key.rescale, work)
+        pre = grafted_direction(x, d, roots, self.spec.rescale, work)
         if self.ready == self.rows:
             return pre
         return torch.where(self.mask(), pre, d, out=pre)
@@ -241,7 +222,7 @@ class Buckets:
 
         ``batched``: equal blocks of all parameters share a bucket; else one bucket per block.
         """
-        signature = [(id(e.p), *e[1:]) for e in entries] + [(batched,)]
+        signature = [(id(e.p), e.plan, e.spec) for e in entries] + [(batched,)]
         if signature == self.signature:
             return
         for bucket in self.buckets:
@@ -252,10 +233,10 @@ class Buckets:
             per_bucket: dict[tuple[Any, ...], list[int]] = {}
             for b, blk in enumerate(e.plan.blocks):
                 if blk.axes:
-                    key = BucketKey(blk.shape, blk.axes, e.dtype, e.device, e.root_dtype, e.beta2, e.rescale)
-                    per_bucket.setdefault((key,) if batched else (key, pos, b), []).append(b)
-            for group, blocks in per_bucket.items():
-                bucket = found.get(group) or found.setdefault(group, Bucket(group[0], batched))
+                    key = (blk.shape, blk.axes, e.spec)
+                    per_bucket.setdefault(key if batched else (*key, pos, b), []).append(b)
+            for key, blocks in per_bucket.items():
+                bucket = found.get(key) or found.setdefault(key, Bucket(*key[:3], keep_scratch=batched))
                 bucket.members.append(Member(pos, e.p, e.plan, blocks, bucket.rows, tiled and batched))
                 bucket.rows += len(blocks)
         self.buckets = list(found.values())
@@ -281,10 +262,8 @@ class Buckets:
     ) -> list[Tensor]:
         """P of every parameter: D, with P written into the blocks that have roots.
 
-        ``gathered`` is what :meth:`update_statistics` returned this step (G per bucket).
-        Buckets hold disjoint blocks, so writing one bucket's rows into the output
-        never changes what another bucket gathers.
-        """
+        ``gathered``: G per bucket, from :meth:`update_statistics`. Buckets hold disjoint
+        blocks, so one bucket's writes never change what another gathers."""
         # contiguous, and never the gradient itself: P is written into them
         outs = [d.clone(memory_format=torch.contiguous_format) if d is g else d.contiguous() for d, g in zip(ds, grads)]
         for bucket, g in zip(self.buckets, gathered, strict=True):

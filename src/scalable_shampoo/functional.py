@@ -1,14 +1,11 @@
 """The elementwise stages of a step, as pure ``torch._foreach_*`` functions.
 
 Each line of the math is one fused op over a list of tensors (one param group,
-device and dtype). The eager step calls these functions as they are;
-``Shampoo(compile_elementwise=True)`` hands the very same functions to
-``torch.compile`` (:func:`compiled`), which turns them into a few fused loops (CPU)
-or kernels (CUDA), with the roots and contractions left outside the graphs. There
-the step counts and the lr come in as 0-d tensors, so a changing step or lr does
-not recompile; constants of a param group (β, ε, λ, the grafting type) are baked
-into its graph. Its results agree with the eager ones to rounding. Functions
-ending in ``_`` update their first argument in place, as torch's ``_foreach_*_`` do.
+device and dtype); a function ending in ``_`` updates its first argument in place.
+The eager step calls them as they are; ``Shampoo(compile_elementwise=True)`` hands
+the same functions to ``torch.compile`` (:func:`compiled`; roots and contractions
+stay outside), with step counts and the lr as 0-d tensors so that neither
+recompiles (β, ε, λ and the grafting type are baked into a group's graph).
 """
 
 from __future__ import annotations

@@ -107,12 +107,10 @@ def grafted_direction(
 ) -> Tensor:
     """P ← Ĝ ×ₐ H_a^(-1/p);  P ← P·‖D‖/‖P‖, for every block of a stack ``[B, *block]``.
 
-    ``x`` is Ĝ and ``d`` the grafting update D, both stacks; ``roots`` are ``[B, n, n]``
-    stacks per preconditioned axis; ``work`` as for :func:`stacked_precondition`.
-    Without ``rescale`` (grafting ``none``) P keeps Shampoo's own scale. With it, Ĝ is
-    first divided by its max per block, in place (so ``x`` must not be ``d``): P is the
-    same after the rescale, and no power of a large Ĝ can overflow.
-    """
+    ``x`` (Ĝ), ``d`` (D): stacks; ``roots``: ``[B, n, n]`` per axis; ``work``: as for
+    :func:`stacked_precondition`. Without ``rescale`` (grafting ``none``) P keeps its own
+    scale. With it, Ĝ is first divided by its max per block, in place (``x`` must not be
+    ``d``): the same P after the rescale, and no power of a large Ĝ can overflow."""
     if not rescale:
         return stacked_precondition(x, roots, work)
     dims = tuple(range(1, x.dim()))

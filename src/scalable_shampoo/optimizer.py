@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
 from .blocks import BlockPlan, make_plan
-from .buckets import Buckets, Entry
+from .buckets import Buckets, Entry, Spec
 from .distributed import DistributedRoots
 from .functional import compiled, graft_stage_, heavy_ball_, weight_update_
 from .grafting import GraftingType
@@ -59,8 +59,7 @@ def _shard_like(p: Tensor, full: Tensor) -> Tensor:
 class NonFiniteGrad(str, Enum):
     """What a step does when any gradient holds a NaN or an Inf."""
 
-    SKIP = "skip"  # skip the whole step, touch no state, count it in ``skipped_steps``
-    # (so does a gradient whose statistics could overflow: max|g| ≥ √(max_float/numel))
+    SKIP = "skip"  # skip the step (also if max|g| ≥ √(max_float/numel)), touch no state, count it
     RAISE = "raise"  # raise FloatingPointError naming the parameter; nothing is changed
 
 
@@ -128,9 +127,8 @@ class Shampoo(torch.optim.Optimizer):
             the default group when torch.distributed is initialised with more than
             one rank; ``None``: every rank computes every root. The statistics must be
             identical on every rank of the group (averaged gradients, as with DDP).
-        batched: process the blocks of equal shape of all parameters together, as
-            stacked tensors and batched matmuls (``buckets.py``); ``False`` is the
-            plain per-block loop, the reference it is tested against.
+        batched: stack the equal blocks of all parameters (batched matmuls, ``buckets.py``);
+            ``False``: a stack per block, the reference it is tested against.
         compile_elementwise: run the first moment, the grafting accumulators and the
             weight update through ``torch.compile`` (``functional.py``) instead of eager
             ``torch._foreach_*`` ops. Off by default: on a CPU it was slower (see the
@@ -171,30 +169,15 @@ class Shampoo(torch.optim.Optimizer):
         compile_elementwise: bool = False,
     ) -> None:
         defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            momentum=momentum,
-            nesterov=nesterov,
-            grafting=grafting,
-            grafting_beta2=grafting_beta2,
-            block_size=block_size,
-            max_preconditioner_dim=max_preconditioner_dim,
-            merge_dims_bound=merge_dims_bound,
-            precondition_1d=precondition_1d,
-            exponent_override=exponent_override,
-            precondition_frequency=precondition_frequency,
-            start_preconditioning_step=start_preconditioning_step,
-            matrix_eps=matrix_eps,
-            matrix_eps_relative=matrix_eps_relative,
-            root_method=root_method,
-            root_dtype=root_dtype,
-            root_storage_dtype=root_storage_dtype,
-            max_root_residual=max_root_residual,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            momentum=momentum, nesterov=nesterov, grafting=grafting, grafting_beta2=grafting_beta2,
+            block_size=block_size, max_preconditioner_dim=max_preconditioner_dim, merge_dims_bound=merge_dims_bound,
+            precondition_1d=precondition_1d, exponent_override=exponent_override,
+            precondition_frequency=precondition_frequency, start_preconditioning_step=start_preconditioning_step,
+            matrix_eps=matrix_eps, matrix_eps_relative=matrix_eps_relative, root_method=root_method,
+            root_dtype=root_dtype, root_storage_dtype=root_storage_dtype, max_root_residual=max_root_residual,
             root_retries=root_retries,
-        )
+        )  # fmt: skip
         self.nonfinite_grad = NonFiniteGrad(_enum_value(NonFiniteGrad, "nonfinite_grad", nonfinite_grad))
         self.scheduler: RootScheduler = scheduler if scheduler is not None else InlineRoots()
         if process_group == "default":
@@ -266,13 +249,8 @@ class Shampoo(torch.optim.Optimizer):
     def plan(p: Tensor, group: dict[str, Any]) -> BlockPlan:
         """How ``p`` is blocked under ``group``'s settings (cached per shape)."""
         bound = group["merge_dims_bound"] or group["block_size"]
-        return make_plan(
-            tuple(p.shape),
-            group["block_size"],
-            group["max_preconditioner_dim"],
-            bound,
-            group["precondition_1d"],
-        )
+        return make_plan(tuple(p.shape), group["block_size"], group["max_preconditioner_dim"], bound,
+                         group["precondition_1d"])  # fmt: skip
 
     @staticmethod
     def _state_dtype(p: Tensor) -> torch.dtype:
@@ -281,15 +259,10 @@ class Shampoo(torch.optim.Optimizer):
     @staticmethod
     def _root_options(group: dict[str, Any]) -> RootOptions:
         return RootOptions(
-            method=RootMethod(group["root_method"]),
-            eps=group["matrix_eps"],
-            relative_eps=group["matrix_eps_relative"],
-            dtype=group["root_dtype"],
-            max_residual=group["max_root_residual"],
-            retries=group["root_retries"],
-            newton_max_iters=100,
+            RootMethod(group["root_method"]), group["matrix_eps"], group["matrix_eps_relative"], group["root_dtype"],
+            group["max_root_residual"], group["root_retries"], newton_max_iters=100,
             newton_tol=1e-12 if group["root_dtype"] == torch.float64 else 1e-6,
-        )
+        )  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -322,20 +295,16 @@ class Shampoo(torch.optim.Optimizer):
             lo, hi = torch.aminmax(grad)
             return torch.maximum(hi, lo.neg())
 
-        def fine(p: Tensor, grad: Tensor) -> Tensor:
-            return peak(grad) < limit(p, grad)  # False for NaN and Inf too
-
         per_device: dict[torch.device, list[tuple[Tensor, Tensor]]] = {}
         for _, _, p, grad in params:
             per_device.setdefault(grad.device, []).append((p, grad))
-        ok = True
-        for pairs in per_device.values():  # max|G|/limit < 1 for all: one host sync per device
-            scaled = torch._foreach_div([peak(g) for _, g in pairs], [limit(p, g) for p, g in pairs])
-            ok = ok and bool((torch.stack(scaled) < 1).all())
-        if ok:
+        if all(  # max|G|/limit < 1 for all (False for NaN and Inf too): one host sync per device
+            bool((torch.stack(torch._foreach_div([peak(g) for _, g in pg], [limit(p, g) for p, g in pg])) < 1).all())
+            for pg in per_device.values()
+        ):
             return True
         if self.nonfinite_grad is NonFiniteGrad.RAISE:
-            first = next(i for i, _, p, grad in params if not bool(fine(p, grad)))
+            first = next(i for i, _, p, grad in params if not bool(peak(grad) < limit(p, grad)))
             raise FloatingPointError(f"non-finite gradient in parameter {first}; no state was changed")
         return False
 
@@ -390,8 +359,8 @@ class Shampoo(torch.optim.Optimizer):
     def _entries(self, params: list[ParamGrad], grads: list[Tensor]) -> list[Entry]:
         """What the engine stacks: each parameter's plan, dtypes, device, β₂ and rescaling."""
         return [
-            Entry(p, self.plan(p, group), g.dtype, g.device, group["root_storage_dtype"] or g.dtype,
-                  group["betas"][1], _grafting(group) is not GraftingType.NONE)
+            Entry(p, self.plan(p, group), Spec(g.dtype, g.device, group["root_storage_dtype"] or g.dtype,
+                                               group["betas"][1], _grafting(group) is not GraftingType.NONE))
             for (_, group, p, _), g in zip(params, grads)
         ]  # fmt: skip
 

@@ -80,19 +80,15 @@ def method_key(block: int, axis: int) -> str:  # the fallback stage of its insta
 
 
 class RootInfo(NamedTuple):
-    """What is known of one statistic's roots; stored as a float64 CPU tensor in this order.
-
-    ``residual`` is -1 where no finite residual was measured (a zero statistic, or a
-    root that came out non-finite), and ``installed_step`` is -1 before the first
-    root: every stored value is finite, so a check that the state is finite passes.
-    """
+    """What is known of one statistic's roots, stored as a float64 CPU tensor in this order.
+    Every value is finite (a check that the state is finite passes): -1 stands for none."""
 
     last_attempt_step: float = 0.0  # the step of the statistic the last computation used
-    residual: float = -1.0  # max|X^p·A·V − V| on probe vectors, of the last computation
+    residual: float = -1.0  # max|X^p·A·V − V| on probe vectors (-1: not finite, or a zero statistic)
     lambda_max: float = 0.0
     eps: float = 0.0  # ε_eff of the last computation
     rejected: float = 0.0  # roots rejected so far
-    installed_step: float = -1.0  # the step of the statistic the installed root came from
+    installed_step: float = -1.0  # the step of the statistic the installed root came from (-1: none yet)
 
     def to_tensor(self) -> torch.Tensor:
         return torch.tensor(self, dtype=torch.float64)
