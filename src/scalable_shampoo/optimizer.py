@@ -21,6 +21,7 @@ with batched matmuls (``buckets.py``, the default).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
@@ -43,6 +44,10 @@ from .state import StateCodec, diagnostics, memory
 __all__ = ["NonFiniteGrad", "Shampoo"]
 
 ParamGrad = tuple[int, dict[str, Any], Tensor, Tensor]  # (index, group, parameter, full gradient)
+_SCHEDULER_METHODS = ("run", "state_dict", "load_state_dict", "close")
+# what a copy or a pickle carries besides torch's defaults, state and param_groups, and
+# what an optimizer pickled by a version that lacked an attribute gets for it
+_COPIED = ("nonfinite_grad", "global_step", "skipped_steps", "batched", "compile_elementwise", "scheduler")
 
 
 def _full(t: Tensor) -> Tensor:
@@ -191,6 +196,12 @@ class Shampoo(torch.optim.Optimizer):
             max_root_residual=max_root_residual,
             root_retries=root_retries,
         )
+        # every argument is checked before ``params`` is read, so the error names the bad argument
+        self._validate({**defaults, "params": []})
+        _require(isinstance(batched, bool), "batched", batched, "True or False")
+        _require(isinstance(compile_elementwise, bool), "compile_elementwise", compile_elementwise, "True or False")
+        is_scheduler = scheduler is None or all(callable(getattr(scheduler, m, None)) for m in _SCHEDULER_METHODS)
+        _require(is_scheduler, "scheduler", scheduler, f"None or a root scheduler ({', '.join(_SCHEDULER_METHODS)})")
         self.nonfinite_grad = NonFiniteGrad(_enum_value(NonFiniteGrad, "nonfinite_grad", nonfinite_grad))
         self.scheduler: RootScheduler = scheduler if scheduler is not None else InlineRoots()
         if process_group == "default":
@@ -199,8 +210,8 @@ class Shampoo(torch.optim.Optimizer):
             self.scheduler = DistributedRoots(self.scheduler, process_group)
         self.global_step = 0  # steps taken (skipped steps not counted)
         self.skipped_steps = 0
-        self.batched = bool(batched)
-        self.compile_elementwise = bool(compile_elementwise)
+        self.batched = batched
+        self.compile_elementwise = compile_elementwise
         self._buckets = Buckets()  # stacked blocks; state entries are views of them
         super().__init__(params, defaults)
         StateCodec.attach(self)
@@ -223,7 +234,12 @@ class Shampoo(torch.optim.Optimizer):
             if p.is_complex():
                 raise ValueError(f"complex parameters are not supported, got dtype {p.dtype}")
         lr = g["lr"]
-        _require(_is_number(lr) and lr >= 0, "lr", lr, "a number ≥ 0")
+        if isinstance(lr, Tensor):  # as torch.optim: a 1-element Tensor lr (read as float(lr) at each step)
+            if lr.numel() != 1:
+                raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+            _require(lr.is_floating_point() and float(lr) >= 0, "lr", lr, "a floating-point Tensor ≥ 0")
+        else:
+            _require(_is_number(lr) and lr >= 0, "lr", lr, "a number ≥ 0 or a 1-element Tensor")
         betas = g["betas"]
         _require(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", betas, "a pair (β₁, β₂)")
         _require(_is_number(betas[0]) and 0 <= betas[0] < 1, "betas[0]", betas[0], "in [0, 1)")
@@ -290,6 +306,45 @@ class Shampoo(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._buckets.invalidate()  # the loaded tensors are re-stacked at the next step
+
+    # ------------------------------------------------------------------ copies and pickles
+    @classmethod
+    def group_defaults(cls) -> dict[str, Any]:
+        """Every param-group setting and its constructor default.
+
+        A param group loaded from a checkpoint (or an unpickled optimizer) that lacks
+        a setting, because it was written before the setting existed, gets this
+        default, as torch.optim's optimizers do in ``__setstate__``. A new setting's
+        default therefore reproduces the behaviour from before it existed.
+        """
+        skip = {"self", "params", "nonfinite_grad", "scheduler", "process_group", "batched", "compile_elementwise"}
+        sig = inspect.signature(cls.__init__).parameters
+        return {name: prm.default for name, prm in sig.items() if name not in skip}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's (defaults, state, param_groups) plus the step counters, the policies
+        and the scheduler, which copies its pending results and, in the copy, starts
+        its own workers (see ``background.py``). Stacked buckets are rebuilt by the copy."""
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in _COPIED})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's load_state_dict calls this with only state and param_groups; copy.deepcopy,
+        # pickle and torch.load(opt) with everything __getstate__ gave
+        super().__setstate__(state)
+        defaults = self.group_defaults()
+        for group in [self.defaults, *self.param_groups]:
+            for name, value in defaults.items():
+                group.setdefault(name, value)
+        if "_buckets" not in self.__dict__:  # a copy or an unpickled optimizer, not a load_state_dict
+            fallback = dict(nonfinite_grad=NonFiniteGrad.SKIP, skipped_steps=0, batched=True, compile_elementwise=False,
+                            global_step=max((int(s["step"]) for s in self.state.values() if "step" in s), default=0))
+            for name in _COPIED:
+                if name not in self.__dict__:
+                    setattr(self, name, InlineRoots() if name == "scheduler" else fallback[name])
+            self._buckets = Buckets()
+            StateCodec.attach(self)  # torch's __setstate__ starts with no hooks: the library's come back
 
     def _params_with_grad(self) -> list[ParamGrad]:
         """(index, group, parameter, full gradient) of every parameter with a gradient."""
@@ -560,7 +615,7 @@ class Shampoo(torch.optim.Optimizer):
             dirs = [d.to(p.dtype) for p, d in zip(ps, dirs)]
             if isinstance(ps[0], DTensor):  # this rank's shard of the full update, no communication
                 dirs = [_shard_like(p, d) for p, d in zip(ps, dirs)]
-            lr, wd = group["lr"], group["weight_decay"]
+            lr, wd = float(group["lr"]), group["weight_decay"]  # a Tensor lr: its value, bit-identical to that float
             if self.compile_elementwise:
                 decay = wd if group["decoupled_weight_decay"] else 0.0
                 compiled_update(ps, dirs, torch.tensor(lr, dtype=torch.float64), decay)

@@ -44,9 +44,17 @@ import torch
 if TYPE_CHECKING:
     from .optimizer import Shampoo
 
-__all__ = ["FORMAT_VERSION", "TOP_KEY", "StateCodec", "atomic_save", "diagnostics"]
+__all__ = ["FORMATS", "FORMAT_VERSION", "TOP_KEY", "StateCodec", "atomic_save", "diagnostics"]
 
-FORMAT_VERSION = 1
+# Every checkpoint format this library reads, and what a checkpoint in it lacks compared
+# with today's; the load hook below fills or checks each gap. Today's format is the newest
+# one. Bumping it is one line: add the new version with nothing lacking, and name what the
+# old one lacks (then handle that name in ``StateCodec._check_and_keep``). A format that
+# is not in this table is refused: a newer one asks for a newer scalable_shampoo.
+FORMATS: dict[int, tuple[str, ...]] = {
+    1: (),  # the first format, and today's
+}
+FORMAT_VERSION = max(FORMATS)
 TOP_KEY = "scalable_shampoo"
 
 
@@ -78,15 +86,33 @@ class StateCodec:
         meta = sd.get(TOP_KEY)
         if not isinstance(meta, dict):
             raise ValueError(f"state_dict has no {TOP_KEY!r} entry: it was not saved by scalable_shampoo.Shampoo")
-        if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
+        known = ", ".join(map(str, sorted(FORMATS)))
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"state_dict format_version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise ValueError(
-                f"state_dict format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}"
+                f"state_dict format_version {version} is newer than this scalable_shampoo reads "
+                f"(formats {known}): load it with the newer scalable_shampoo that wrote it"
             )
+        if version not in FORMATS:
+            raise ValueError(f"state_dict format_version {version} is not one this scalable_shampoo reads "
+                             f"(formats {known})")  # fmt: skip
         saved_groups = sd["param_groups"]
         if len(saved_groups) != len(opt.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, opt.param_groups)
         ):
             raise ValueError("state_dict has different param groups than this optimizer")
+        # a setting written before it existed gets its default (Shampoo.group_defaults); the
+        # groups are checked here, before anything changes, as the constructor checks them
+        defaults = opt.group_defaults()
+        saved_groups = [{**defaults, **s} for s in saved_groups]
+        for s, g in zip(saved_groups, opt.param_groups):
+            try:
+                opt._validate({**s, "params": g["params"]})
+            except ValueError as exc:
+                raise ValueError(f"state_dict has a bad param group setting: {exc}") from None
+        sd["param_groups"] = saved_groups  # torch copied sd before this hook: the caller's dict is untouched
         params = chain.from_iterable(g["params"] for g in opt.param_groups)
         saved = list(chain.from_iterable(zip(s["params"], [s] * len(s["params"])) for s in saved_groups))
         for (pid, group), p in zip(saved, params):
@@ -121,6 +147,8 @@ class StateCodec:
                 k: v.to(device="cpu" if _on_cpu(k) else p.device, copy=True) if torch.is_tensor(v) else v
                 for k, v in sd["state"][pid].items()
             }
+            if not torch.is_tensor(opt.state[p]["step"]):  # a plain number, as torch.optim also accepts
+                opt.state[p]["step"] = torch.tensor(int(opt.state[p]["step"]), dtype=torch.int64)
         opt.global_step = int(meta["global_step"])
         opt.skipped_steps = int(meta["skipped_steps"])
         opt.scheduler.load_state_dict(meta["scheduler"])
