@@ -332,7 +332,10 @@ class Shampoo(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's load_state_dict calls this with only state and param_groups; copy.deepcopy,
         # pickle and torch.load(opt) with everything __getstate__ gave
+        had_differentiable = "differentiable" in state.get("defaults", self.__dict__.get("defaults", {}))
         super().__setstate__(state)
+        if not had_differentiable:  # torch adds it; Shampoo has no such setting, and a copy equals its original
+            self.defaults.pop("differentiable", None)
         defaults = self.group_defaults()
         for group in [self.defaults, *self.param_groups]:
             for name, value in defaults.items():

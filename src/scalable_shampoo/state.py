@@ -149,10 +149,22 @@ class StateCodec:
             }
             if not torch.is_tensor(opt.state[p]["step"]):  # a plain number, as torch.optim also accepts
                 opt.state[p]["step"] = torch.tensor(int(opt.state[p]["step"]), dtype=torch.int64)
+            _upgrade_root_info(opt.state[p])
         opt.global_step = int(meta["global_step"])
         opt.skipped_steps = int(meta["skipped_steps"])
         opt.scheduler.load_state_dict(meta["scheduler"])
 
+
+
+def _upgrade_root_info(state: dict[str, Any]) -> None:
+    """Format 1 as first released kept 5 numbers per ``root_info`` (no step of the installed
+    root). Such an entry gets, as its 6th, the step of its last attempt if a root is installed
+    (the first release did not record which attempt the root came from), or -1. Only
+    :meth:`Shampoo.diagnostics` reads that number; the step's math does not."""
+    for key, info in list(state.items()):
+        if key.startswith("root_info.") and torch.is_tensor(info) and info.numel() == 5:
+            installed = info[0].item() if "root." + key.removeprefix("root_info.") in state else -1.0
+            state[key] = torch.cat([info, info.new_tensor([installed])])
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
