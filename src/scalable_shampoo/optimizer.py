@@ -251,6 +251,8 @@ class Shampoo(torch.optim.Optimizer):
         _require(_is_number(wd) and wd >= 0, "weight_decay", wd, "≥ 0")
         mom = g["momentum"]
         _require(_is_number(mom) and 0 <= mom < 1, "momentum", mom, "in [0, 1)")
+        for name in ("decoupled_weight_decay", "nesterov", "precondition_1d", "matrix_eps_relative"):
+            _require(isinstance(g[name], bool), name, g[name], "True or False")
         _require(not g["nesterov"] or mom > 0, "nesterov", g["nesterov"], "False when momentum is 0")
         g["grafting"] = _enum_value(GraftingType, "grafting", g["grafting"])
         g["root_method"] = _enum_value(RootMethod, "root_method", g["root_method"])
