@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,16 @@ import torch
 
 from scalable_shampoo import FORMAT_VERSION, Shampoo
 from scalable_shampoo.state import FORMATS, TOP_KEY
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny matrices: one torch thread is several times faster on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 HERE = Path(__file__).parent / "checkpoints"
 FROZEN = sorted(HERE.glob("*.pt"))
