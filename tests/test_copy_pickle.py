@@ -219,3 +219,11 @@ def test_an_optimizer_pickled_before_copies_carried_everything_still_steps() -> 
     train(opt, 6, 12)
     train(old, 6, 12)
     assert_same(opt, old)
+
+
+def test_a_copy_of_a_rank_split_scheduler_needs_torch_distributed() -> None:
+    from scalable_shampoo.distributed import DistributedRoots
+
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(RuntimeError, match="torch.distributed is initialised"):
+        copy.deepcopy(DistributedRoots(InlineRoots(), group=None))

@@ -91,12 +91,15 @@ class Shampoo(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer.
-        lr: learning rate (the grafted method's; keep AdamW's).
+        lr: learning rate (the grafted method's; keep AdamW's): a float, or a 0-dim or
+            1-element Tensor, as in torch.optim (read as ``float(lr)`` at each step, so
+            LR schedulers may write into it and the step is bit-identical to that float's).
         betas: (β₁, β₂). β₁ is the first-moment EMA of the gradient (0 disables);
             β₂ is the EMA of the Kronecker statistics (1 sums them, AdaGrad style)
             and, unless ``grafting_beta2`` is set, of the grafting accumulator.
         eps: the grafting method's ε (Adam's eps).
         weight_decay: λ; decoupled (AdamW) unless ``decoupled_weight_decay=False`` (L2).
+            As AdamW's, it decays weights whose gradient is zero (not those with none).
         momentum, nesterov: heavy-ball momentum on the grafted direction, as ``torch.optim.SGD``.
         grafting: a :class:`GraftingType` or its name.
         grafting_beta2: β₂ of the RMSprop/Adam grafting accumulator (default: ``betas[1]``).

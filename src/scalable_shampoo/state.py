@@ -27,6 +27,13 @@ them at its next step. The layout of a checkpoint does not depend on ``batched``
 The top-level entry ``"scalable_shampoo"`` holds ``format_version``,
 ``global_step``, ``skipped_steps`` and the scheduler's pending results.
 
+**Across versions** (``FORMATS`` below): a checkpoint of any format in the table
+loads, and a param group that lacks a setting added later gets the setting's
+constructor default (:meth:`Shampoo.group_defaults`); a newer or unknown format is
+refused with a ``ValueError``, before anything changes. Format 1 as first released
+kept 5 numbers per ``root_info``; such entries get a 6th on load. One frozen
+checkpoint per writer of each format is kept in ``tests/checkpoints/``.
+
 ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the
 parameter's dtype (pytorch#43706), which would truncate fp32 statistics under
 bf16 parameters. The hooks here put back each tensor exactly as it was saved.
