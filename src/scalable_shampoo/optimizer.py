@@ -324,7 +324,8 @@ class Shampoo(torch.optim.Optimizer):
         """
         skip = {"self", "params", "nonfinite_grad", "scheduler", "process_group", "batched", "compile_elementwise"}
         sig = inspect.signature(cls.__init__).parameters
-        return {name: prm.default for name, prm in sig.items() if name not in skip}
+        defaults = {name: prm.default for name, prm in sig.items() if name not in skip}
+        return {k: v.value if isinstance(v, Enum) else v for k, v in defaults.items()}  # as groups hold them
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's (defaults, state, param_groups) plus the step counters, the policies
