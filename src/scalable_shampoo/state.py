@@ -105,6 +105,8 @@ class StateCodec:
         if version not in FORMATS:
             raise ValueError(f"state_dict format_version {version} is not one this scalable_shampoo reads "
                              f"(formats {known})")  # fmt: skip
+        # FORMATS[version] names what this checkpoint lacks; each gap is filled or checked
+        # here, before anything changes (format 1, today's, lacks nothing)
         saved_groups = sd["param_groups"]
         if len(saved_groups) != len(opt.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, opt.param_groups)
