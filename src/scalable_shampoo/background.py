@@ -270,6 +270,13 @@ class InlineRoots:
     def close(self) -> None:
         pass
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy, pickle: the delay and the pending results
+        return {"delay": self.delay, "pending": self.state_dict()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["delay"])  # type: ignore[misc]
+        self.load_state_dict(state["pending"])
+
 
 # ---------------------------------------------------------------------- workers
 def _process_main(conn: Any, compute_fn: ComputeFn, num_threads: int, nice: int) -> None:
@@ -447,6 +454,11 @@ class BackgroundRoots:
             raise ValueError(f"timeout must be > 0, got {timeout!r}")
         if cuda == "stream" and workers != "thread":
             raise ValueError("cuda='stream' needs workers='thread'")
+        self._config = dict(
+            mode=mode, delay=delay, max_staleness=max_staleness, workers=workers, num_workers=num_workers,
+            num_threads=num_threads, nice=nice, timeout=timeout, on_error=on_error, compute_fn=compute_fn, cuda=cuda,
+            start_method=start_method,
+        )  # fmt: skip  # what a copy is built from
         self.mode, self.delay, self.max_staleness = mode, delay, max_staleness
         self.timeout, self.on_error, self.cuda = timeout, on_error, cuda
         self._pending: list[_Entry] = []
@@ -522,6 +534,27 @@ class BackgroundRoots:
             self._finalizer.detach()
             _shutdown(self._tasks, self._threads, self._runners, timeout)
             self._pending.clear()
+
+    # ------------------------------------------------------------------ copies and pickles
+    def __getstate__(self) -> dict[str, Any]:
+        """The settings and the pending results (waiting for any still computing, as
+        ``state_dict`` does). A copy starts its own workers; its pending results are the
+        original's, installed at the same steps (deterministic mode: bit-identical)."""
+        if self._closed:
+            raise RuntimeError(
+                "this BackgroundRoots was closed (close() stopped its workers), so it cannot be copied or "
+                "pickled: copy the optimizer before closing it"
+            )
+        try:
+            pending = self.state_dict()
+        except RootWorkerError as exc:
+            raise RuntimeError(f"BackgroundRoots cannot be copied or pickled: {exc}") from exc
+        return {"config": self._config, "pending": pending, "last_step": self._last_step}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state["config"])  # type: ignore[misc]  # its own threads or processes
+        self.load_state_dict(state["pending"])
+        self._last_step = state["last_step"]
 
     # ------------------------------------------------------------------ helpers
     def _submit(self, step: int, jobs: list[RootJob]) -> None:

@@ -178,6 +178,24 @@ class DistributedRoots:
     def close(self) -> None:
         self.inner.close()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy shares the default process group; another group can't be copied or pickled."""
+        if self.group not in (None, dist.group.WORLD):
+            raise RuntimeError(
+                "an optimizer whose roots are split over a process group other than the default one "
+                "cannot be copied or pickled (a process group cannot travel): save its state_dict instead"
+            )
+        return {k: v for k, v in self.__dict__.items() if k != "group"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "this optimizer splits its roots across ranks: load or copy it in a process where "
+                "torch.distributed is initialised (or load its state_dict into a new optimizer)"
+            )
+        self.__dict__.update(state)
+        self.group = dist.group.WORLD
+
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Save with ``torch.distributed.checkpoint``: the model as DCP shards (FSDP2 or

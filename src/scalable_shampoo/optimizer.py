@@ -21,6 +21,7 @@ on stacks of equal blocks, and the elementwise math in ``functional.py``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from enum import Enum
@@ -43,6 +44,10 @@ from .state import RootInfo, StateCodec, diagnostics, info_key, memory, method_k
 __all__ = ["NonFiniteGrad", "Shampoo"]
 
 ParamGrad = tuple[int, dict[str, Any], Tensor, Tensor]  # (index, group, parameter, full gradient)
+_SCHEDULER_METHODS = ("run", "state_dict", "load_state_dict", "close")
+# what a copy or a pickle carries besides torch's defaults, state and param_groups, and
+# what an optimizer pickled by a version that lacked an attribute gets for it
+_COPIED = ("nonfinite_grad", "global_step", "skipped_steps", "batched", "compile_elementwise", "scheduler")
 
 
 def _full(t: Tensor) -> Tensor:
@@ -89,12 +94,15 @@ class Shampoo(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer.
-        lr: learning rate (the grafted method's; keep AdamW's).
+        lr: learning rate (the grafted method's; keep AdamW's): a float, or a 0-dim or
+            1-element Tensor, as in torch.optim (read as ``float(lr)`` at each step, so
+            LR schedulers may write into it and the step is bit-identical to that float's).
         betas: (β₁, β₂). β₁ is the first-moment EMA of the gradient (0 disables);
             β₂ is the EMA of the Kronecker statistics (1 sums them, AdaGrad style)
             and, unless ``grafting_beta2`` is set, of the grafting accumulator.
         eps: the grafting method's ε (Adam's eps).
         weight_decay: λ; decoupled (AdamW) unless ``decoupled_weight_decay=False`` (L2).
+            As AdamW's, it decays weights whose gradient is zero (not those with none).
         momentum, nesterov: heavy-ball momentum on the grafted direction, as ``torch.optim.SGD``.
         grafting: a :class:`GraftingType` or its name.
         grafting_beta2: β₂ of the RMSprop/Adam grafting accumulator (default: ``betas[1]``).
@@ -178,6 +186,12 @@ class Shampoo(torch.optim.Optimizer):
             root_dtype=root_dtype, root_storage_dtype=root_storage_dtype, max_root_residual=max_root_residual,
             root_retries=root_retries,
         )  # fmt: skip
+        # every argument is checked before ``params`` is read, so the error names the bad argument
+        self._validate({**defaults, "params": []})
+        _require(isinstance(batched, bool), "batched", batched, "True or False")
+        _require(isinstance(compile_elementwise, bool), "compile_elementwise", compile_elementwise, "True or False")
+        is_scheduler = scheduler is None or all(callable(getattr(scheduler, m, None)) for m in _SCHEDULER_METHODS)
+        _require(is_scheduler, "scheduler", scheduler, f"None or a root scheduler ({', '.join(_SCHEDULER_METHODS)})")
         self.nonfinite_grad = NonFiniteGrad(_enum_value(NonFiniteGrad, "nonfinite_grad", nonfinite_grad))
         self.scheduler: RootScheduler = scheduler if scheduler is not None else InlineRoots()
         if process_group == "default":
@@ -186,8 +200,8 @@ class Shampoo(torch.optim.Optimizer):
             self.scheduler = DistributedRoots(self.scheduler, process_group)
         self.global_step = 0  # steps taken (skipped steps not counted)
         self.skipped_steps = 0
-        self.batched = bool(batched)
-        self.compile_elementwise = bool(compile_elementwise)
+        self.batched = batched
+        self.compile_elementwise = compile_elementwise
         self._buckets = Buckets()  # the engine: stacked blocks; state entries are views of them
         super().__init__(params, defaults)
         StateCodec.attach(self)
@@ -210,7 +224,12 @@ class Shampoo(torch.optim.Optimizer):
             if p.is_complex():
                 raise ValueError(f"complex parameters are not supported, got dtype {p.dtype}")
         lr = g["lr"]
-        _require(_is_number(lr) and lr >= 0, "lr", lr, "a number ≥ 0")
+        if isinstance(lr, Tensor):  # as torch.optim: a 1-element Tensor lr (read as float(lr) at each step)
+            if lr.numel() != 1:
+                raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+            _require(lr.is_floating_point() and float(lr) >= 0, "lr", lr, "a floating-point Tensor ≥ 0")
+        else:
+            _require(_is_number(lr) and lr >= 0, "lr", lr, "a number ≥ 0 or a 1-element Tensor")
         betas = g["betas"]
         _require(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", betas, "a pair (β₁, β₂)")
         _require(_is_number(betas[0]) and 0 <= betas[0] < 1, "betas[0]", betas[0], "in [0, 1)")
@@ -222,6 +241,8 @@ class Shampoo(torch.optim.Optimizer):
         _require(_is_number(wd) and wd >= 0, "weight_decay", wd, "≥ 0")
         mom = g["momentum"]
         _require(_is_number(mom) and 0 <= mom < 1, "momentum", mom, "in [0, 1)")
+        for name in ("decoupled_weight_decay", "nesterov", "precondition_1d", "matrix_eps_relative"):
+            _require(isinstance(g[name], bool), name, g[name], "True or False")
         _require(not g["nesterov"] or mom > 0, "nesterov", g["nesterov"], "False when momentum is 0")
         g["grafting"] = _enum_value(GraftingType, "grafting", g["grafting"])
         g["root_method"] = _enum_value(RootMethod, "root_method", g["root_method"])
@@ -267,6 +288,49 @@ class Shampoo(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._buckets.invalidate()  # the loaded tensors are re-stacked at the next step
+
+    # ------------------------------------------------------------------ copies and pickles
+    @classmethod
+    def group_defaults(cls) -> dict[str, Any]:
+        """Every param-group setting and its constructor default.
+
+        A param group loaded from a checkpoint (or an unpickled optimizer) that lacks
+        a setting, because it was written before the setting existed, gets this
+        default, as torch.optim's optimizers do in ``__setstate__``. A new setting's
+        default therefore reproduces the behaviour from before it existed.
+        """
+        skip = {"self", "params", "nonfinite_grad", "scheduler", "process_group", "batched", "compile_elementwise"}
+        sig = inspect.signature(cls.__init__).parameters
+        defaults = {name: prm.default for name, prm in sig.items() if name not in skip}
+        return {k: v.value if isinstance(v, Enum) else v for k, v in defaults.items()}  # as groups hold them
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's (defaults, state, param_groups) plus the step counters, the policies
+        and the scheduler, which copies its pending results and, in the copy, starts
+        its own workers (see ``background.py``). Stacked buckets are rebuilt by the copy."""
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in _COPIED})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's load_state_dict calls this with only state and param_groups; copy.deepcopy,
+        # pickle and torch.load(opt) with everything __getstate__ gave
+        had_differentiable = "differentiable" in state.get("defaults", self.__dict__.get("defaults", {}))
+        super().__setstate__(state)
+        if not had_differentiable:  # torch adds it; Shampoo has no such setting, and a copy equals its original
+            self.defaults.pop("differentiable", None)
+        defaults = self.group_defaults()
+        for group in [self.defaults, *self.param_groups]:
+            for name, value in defaults.items():
+                group.setdefault(name, value)
+        if "_buckets" not in self.__dict__:  # a copy or an unpickled optimizer, not a load_state_dict
+            fallback = dict(nonfinite_grad=NonFiniteGrad.SKIP, skipped_steps=0, batched=True, compile_elementwise=False,
+                            global_step=max((int(s["step"]) for s in self.state.values() if "step" in s), default=0))
+            for name in _COPIED:
+                if name not in self.__dict__:
+                    setattr(self, name, InlineRoots() if name == "scheduler" else fallback[name])
+            self._buckets = Buckets()
+            StateCodec.attach(self)  # torch's __setstate__ starts with no hooks: the library's come back
 
     def _params_with_grad(self) -> list[ParamGrad]:
         """(index, group, parameter, full gradient) of every parameter with a gradient."""
@@ -475,10 +539,11 @@ class Shampoo(torch.optim.Optimizer):
             if isinstance(ps[0], DTensor):  # this rank's shard of the full update, no communication
                 dirs = [_shard_like(p, d) for p, d in zip(ps, dirs)]
             decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
+            lr = float(group["lr"])  # a Tensor lr: its value, bit-identical to that float
             if self.compile_elementwise:  # the lr as a tensor: a schedule does not recompile
-                compiled(weight_update_)(ps, dirs, torch.tensor(group["lr"], dtype=torch.float64), decay)
+                compiled(weight_update_)(ps, dirs, torch.tensor(lr, dtype=torch.float64), decay)
             else:
-                weight_update_(ps, dirs, group["lr"], decay)
+                weight_update_(ps, dirs, lr, decay)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

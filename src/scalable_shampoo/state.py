@@ -28,6 +28,13 @@ them at its next step. The layout of a checkpoint does not depend on ``batched``
 The top-level entry ``"scalable_shampoo"`` holds ``format_version``,
 ``global_step``, ``skipped_steps`` and the scheduler's pending results.
 
+**Across versions** (``FORMATS`` below): a checkpoint of any format in the table
+loads, and a param group that lacks a setting added later gets the setting's
+constructor default (:meth:`Shampoo.group_defaults`); a newer or unknown format is
+refused with a ``ValueError``, before anything changes. Format 1 as first released
+kept 5 numbers per ``root_info``; such entries get a 6th on load. One frozen
+checkpoint per writer of each format is kept in ``tests/checkpoints/``.
+
 ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the
 parameter's dtype (pytorch#43706), which would truncate fp32 statistics under
 bf16 parameters. The hooks here put back each tensor exactly as it was saved.
@@ -35,6 +42,7 @@ bf16 parameters. The hooks here put back each tensor exactly as it was saved.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from itertools import chain
@@ -46,6 +54,7 @@ if TYPE_CHECKING:
     from .optimizer import Shampoo
 
 __all__ = [
+    "FORMATS",
     "FORMAT_VERSION",
     "TOP_KEY",
     "RootInfo",
@@ -58,7 +67,15 @@ __all__ = [
     "stat_key",
 ]
 
-FORMAT_VERSION = 1
+# Every checkpoint format this library reads, and what a checkpoint in it lacks compared
+# with today's; the load hook below fills or checks each gap. Today's format is the newest
+# one. Bumping it is one line: add the new version with nothing lacking, and name what the
+# old one lacks (then handle that name in ``StateCodec._check_and_keep``). A format that
+# is not in this table is refused: a newer one asks for a newer scalable_shampoo.
+FORMATS: dict[int, tuple[str, ...]] = {
+    1: (),  # the first format, and today's
+}
+FORMAT_VERSION = max(FORMATS)
 TOP_KEY = "scalable_shampoo"
 
 
@@ -126,15 +143,35 @@ class StateCodec:
         meta = sd.get(TOP_KEY)
         if not isinstance(meta, dict):
             raise ValueError(f"state_dict has no {TOP_KEY!r} entry: it was not saved by scalable_shampoo.Shampoo")
-        if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
+        known = ", ".join(map(str, sorted(FORMATS)))
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"state_dict format_version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise ValueError(
-                f"state_dict format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}"
+                f"state_dict format_version {version} is newer than this scalable_shampoo reads "
+                f"(formats {known}): load it with the newer scalable_shampoo that wrote it"
             )
+        if version not in FORMATS:
+            raise ValueError(f"state_dict format_version {version} is not one this scalable_shampoo reads "
+                             f"(formats {known})")  # fmt: skip
+        # FORMATS[version] names what this checkpoint lacks; each gap is filled or checked
+        # here, before anything changes (format 1, today's, lacks nothing)
         saved_groups = sd["param_groups"]
         if len(saved_groups) != len(opt.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, opt.param_groups)
         ):
             raise ValueError("state_dict has different param groups than this optimizer")
+        # a setting written before it existed gets its default (Shampoo.group_defaults); the
+        # groups are checked here, before anything changes, as the constructor checks them
+        defaults = opt.group_defaults()
+        saved_groups = [{**defaults, **s} for s in saved_groups]
+        for s, g in zip(saved_groups, opt.param_groups):
+            try:
+                opt._validate({**s, "params": g["params"]})
+            except ValueError as exc:
+                raise ValueError(f"state_dict has a bad param group setting: {exc}") from None
+        sd["param_groups"] = saved_groups  # torch copied sd before this hook: the caller's dict is untouched
         params = chain.from_iterable(g["params"] for g in opt.param_groups)
         saved = list(chain.from_iterable(zip(s["params"], [s] * len(s["params"])) for s in saved_groups))
         for (pid, group), p in zip(saved, params):
@@ -169,10 +206,32 @@ class StateCodec:
                 k: v.to(device="cpu" if _on_cpu(k) else p.device, copy=True) if torch.is_tensor(v) else v
                 for k, v in sd["state"][pid].items()
             }
+            if not torch.is_tensor(opt.state[p]["step"]):  # a plain number, as torch.optim also accepts
+                opt.state[p]["step"] = torch.tensor(int(opt.state[p]["step"]), dtype=torch.int64)
+            _upgrade_root_info(opt.state[p])
         opt.global_step = int(meta["global_step"])
         opt.skipped_steps = int(meta["skipped_steps"])
         opt.scheduler.load_state_dict(meta["scheduler"])
 
+
+
+def _upgrade_root_info(state: dict[str, Any]) -> None:
+    """Make every loaded ``root_info`` a 6-number, finite :class:`RootInfo`.
+
+    Format 1 as first released kept 5 numbers (no step of the installed root): such an
+    entry gets, as its 6th, the step of its last attempt if a root is installed (the first
+    release did not record which attempt the root came from), or -1. Older checkpoints
+    stored an infinite residual where none was measured: it becomes -1. Only
+    :meth:`Shampoo.diagnostics` reads these numbers; the step's math does not."""
+    for key, value in list(state.items()):
+        if key.startswith("root_info.") and torch.is_tensor(value):
+            info = value.tolist()
+            if len(info) == 5:
+                block, axis = map(int, key.split(".")[1:])
+                info.append(info[0] if root_key(block, axis) in state else -1.0)
+            if not math.isfinite(info[1]):
+                info[1] = -1.0
+            state[key] = RootInfo(*info).to_tensor()
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
