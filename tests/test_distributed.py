@@ -1,4 +1,4 @@
-"""Root work split across real gloo process groups equals the single-process run, bit for bit."""
+"""ZeRO-1 Shampoo across real gloo process groups equals the single-process run, bit for bit."""
 
 import os
 import time
@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scalable_shampoo import Shampoo
 from scalable_shampoo.background import InlineRoots
-from scalable_shampoo.distributed import DistributedRoots, RootExchangeError, assign_owners
+from scalable_shampoo.distributed import ExchangeError, assign_owners
 
 FAST = dict(lr=1e-2, precondition_frequency=3, start_preconditioning_step=2)
 STEPS = 10
@@ -64,13 +64,19 @@ def scheduler(mode):
     return BackgroundRoots(mode="deterministic", delay=2, workers="thread"), InlineRoots(delay=2)
 
 
+def state_bytes(opt):
+    """Bytes of optimizer state, each storage once (stacked statistics and roots included)."""
+    return sum(v for k, v in opt.memory().items() if k not in ("parameters", "scratch"))
+
+
 def ddp_worker(rank, world, init_file, mode, out_dir):
     init(rank, world, init_file)
     model, ref = DDP(build()), build()
     sched, ref_sched = scheduler(mode)
-    opt = Shampoo(groups(model.module), scheduler=sched, **FAST)  # the default group splits the roots
+    opt = Shampoo(groups(model.module), scheduler=sched, **FAST)  # the default group shares the work
     ref_opt = Shampoo(groups(ref), scheduler=ref_sched, process_group=None, **FAST)  # one process's Shampoo
-    assert isinstance(opt.scheduler, DistributedRoots)
+    owners = opt.owners()
+    assert sorted(set(owners)) == list(range(world)) or len(owners) < world
     for step in range(STEPS):
         g = torch.Generator().manual_seed(1000 * step + rank)  # each rank its own shard of the batch
         idx, y = torch.randint(0, 40, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -82,27 +88,65 @@ def ddp_worker(rank, world, init_file, mode, out_dir):
         ref_opt.step()
     for p, q in zip(model.module.parameters(), ref.parameters()):
         assert torch.equal(p, q)
-    for p, q in zip(model.module.parameters(), ref.parameters()):
+    for i, (p, q) in enumerate(zip(model.module.parameters(), ref.parameters())):
+        if owners[i] != rank:  # ZeRO-1: no state at all for another rank's parameter
+            assert p not in opt.state
+            continue
         for k, v in ref_opt.state[q].items():
             if torch.is_tensor(v):
                 assert torch.equal(opt.state[p][k], v), k
-    assert any(k.startswith("root.") for k in opt.state[model.module.a.weight])
+    roots = [k for st in opt.state.values() for k in st if k.startswith("root.")]
     torch.save(
-        {"params": [p.detach() for p in model.module.parameters()], "bytes": opt.scheduler.bytes_received},
+        {"params": [p.detach() for p in model.module.parameters()], "bytes": opt._sharding.bytes_received,
+         "state_bytes": state_bytes(opt), "ref_state_bytes": state_bytes(ref_opt), "roots": len(roots)},
         os.path.join(out_dir, f"{rank}.pt"),
-    )
+    )  # fmt: skip
     opt.close()
     ref_opt.close()
     finish()
 
 
 @pytest.mark.parametrize("world,mode", [(2, "inline"), (3, "inline"), (2, "deterministic")])
-def test_ddp_split_roots_equal_single_process_bitwise(tmp_path, world, mode):
+def test_ddp_zero1_equals_single_process_bitwise(tmp_path, world, mode):
     mp.spawn(ddp_worker, args=(world, str(tmp_path / "init"), mode, str(tmp_path)), nprocs=world)
     results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
     for r in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(r["params"], results[0]["params"]))
     assert all(r["bytes"] > 0 for r in results)
+    assert sum(r["state_bytes"] for r in results) == results[0]["ref_state_bytes"]  # each entry kept once
+    assert sum(r["roots"] > 0 for r in results) >= 2  # roots computed on more than one rank
+
+
+def many_layers():
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(16, 16) for _ in range(12)])
+
+
+def balance_worker(rank, world, init_file, out_dir):
+    init(rank, world, init_file)
+    model = many_layers()
+    opt = Shampoo(model.parameters(), block_size=8, **FAST)
+    for step in range(4):
+        for i, p in enumerate(model.parameters()):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+        opt.step()
+    torch.save(state_bytes(opt), os.path.join(out_dir, f"{rank}.pt"))
+    finish()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_keeps_about_one_wth_of_the_state(tmp_path, world):
+    mp.spawn(balance_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+    per_rank = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
+    model = many_layers()
+    opt = Shampoo(model.parameters(), block_size=8, process_group=None, **FAST)
+    for step in range(4):
+        for i, p in enumerate(model.parameters()):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+        opt.step()
+    total = state_bytes(opt)
+    assert sum(per_rank) == total
+    assert max(per_rank) <= 1.15 * total / world, (per_rank, total)
 
 
 def dying_worker(rank, world, init_file, out_dir):
@@ -113,10 +157,10 @@ def dying_worker(rank, world, init_file, out_dir):
     try:
         for step in range(STEPS):
             if rank == 1 and step == 3:
-                os._exit(0)  # dies without a word, before the recomputation at step 5
+                os._exit(0)  # dies without a word, before its 4th step
             w.grad = torch.randn(6, 6, generator=torch.Generator().manual_seed(step))
             opt.step()
-    except RootExchangeError as e:
+    except ExchangeError as e:
         with open(os.path.join(out_dir, "error.txt"), "w") as f:
             f.write(f"{time.monotonic() - start:.1f}s {e}")
         os._exit(0)  # the group is broken: leave without running its destructors
@@ -125,21 +169,30 @@ def dying_worker(rank, world, init_file, out_dir):
 def test_a_dead_rank_gives_the_others_a_clear_error_not_a_hang(tmp_path):
     mp.spawn(dying_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     seconds, message = (tmp_path / "error.txt").read_text().split(" ", 1)
-    assert "sharing roots at step 5 failed on rank 0" in message
+    assert "sharing updates at step 4 failed on rank 0" in message  # rank 1 died before its 4th step
     assert float(seconds[:-1]) < 60
 
 
 def test_assign_owners_is_deterministic_and_balanced():
-    sizes = [128, 64, 64, 32, 256, 8, 8, 128, 16]
+    costs = [128.0, 64, 64, 32, 256, 8, 8, 128, 16]
     for world in (1, 2, 3, 4, 16):
-        owners = assign_owners(sizes, world)
-        assert owners == assign_owners(list(sizes), world)
+        owners = assign_owners(costs, world)
+        assert owners == assign_owners(list(costs), world)
         assert all(0 <= o < world for o in owners)
-        load = [sum(s**3 for s, o in zip(sizes, owners) if o == r) for r in range(world)]
-        assert max(load) - min(load) <= max(s**3 for s in sizes)  # greedy LPT bound
-    assert assign_owners([4, 4], 5) == [0, 1]  # more ranks than jobs: the rest own nothing
+        load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(world)]
+        assert max(load) - min(load) <= max(costs)  # greedy LPT bound
+    assert assign_owners([4, 4], 5) == [0, 1]  # more ranks than items: the rest own nothing
     assert assign_owners([], 3) == []
-    assert assign_owners([8, 512, 8, 8], 2) == [1, 0, 1, 1]  # cost is n³, not a job count
+    assert assign_owners([8, 512, 8, 8], 2) == [1, 0, 1, 1]  # by cost, not by count
+
+
+def test_param_cost_counts_statistics_preconditioning_roots_and_elementwise_work():
+    from scalable_shampoo.blocks import make_plan
+    from scalable_shampoo.distributed import param_cost
+
+    plan = make_plan((8, 4), 1024, 4096, 1024, False)  # one 8×4 block, both axes
+    assert param_cost(plan, 10) == 2 * 32 * (8 + 4) + (8**3 + 4**3) / 10 + 32
+    assert param_cost(make_plan((5,), 1024, 4096, 1024, False), 10) == 5  # a vector: elementwise only
 
 
 def fsdp_worker(rank, world, init_file, out_dir):
@@ -164,7 +217,10 @@ def fsdp_worker(rank, world, init_file, out_dir):
         ref_opt.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p.full_tensor(), q)  # sharded Shampoo is lossless
-    assert any(k.startswith("root.") for k in opt.state[model.a.weight])
+    if opt.owners()[1] == rank:  # a.weight's owner keeps its roots; the others keep nothing of it
+        assert any(k.startswith("root.") for k in opt.state[model.a.weight])
+    else:
+        assert model.a.weight not in opt.state
     finish()
 
 

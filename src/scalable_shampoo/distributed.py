@@ -1,206 +1,172 @@
-"""Split root work across data-parallel ranks (paper §4).
+"""ZeRO-1 across data-parallel ranks: each rank owns some parameters, keeps and computes only theirs.
 
-Under data parallelism the gradients are already averaged, so every rank holds
-the same statistics and takes the same step. Only the roots are split:
+Under data parallelism every rank holds the same averaged gradients. Rather than
+each rank repeating the whole step, the work is split (the paper's §4, and
+ZeRO stage 1 for the whole optimizer):
 
-* :func:`assign_owners` gives each root job to one rank, deterministically,
-  balancing the cost of a root (~n³ for an n×n statistic), not its bytes.
-* :class:`DistributedRoots` wraps a scheduler: each rank computes the jobs it
-  owns (inline, or in the background) and, at the step where the results
-  apply, one ``all_gather`` shares every rank's roots with every other.
+* :func:`assign_owners` gives each parameter to one rank, deterministically (a
+  pure function of the shapes, the options and the world size, the same on every
+  rank), balancing the step's cost: per block, the statistics and the
+  preconditioning (≈ 2·numel·Σnᵢ flops), the amortized roots (Σnᵢ³ / frequency)
+  and the elementwise work. All blocks of a parameter go to its owner.
+* A rank keeps state only for the parameters it owns (statistics, roots, first
+  moment, grafting accumulator, momentum) and computes only their updates,
+  roots included: the owner is the only rank that uses a root, so roots are never
+  exchanged, and background roots (either mode) run per rank.
+* :meth:`Sharding.share` then makes the step's one collective: an ``all_gather``
+  of every rank's owned directions (P after momentum) in one flat byte buffer.
+  Every rank then applies ``W ← W(1 − lr·λ) − lr·P`` to every parameter.
 
-**What is sent.** Roots, not preconditioned directions: a root is sent once per
-recomputation (every ``precondition_frequency`` steps) and then used for every
-step until the next one, while directions would have to be exchanged every
-step. Per recomputation each rank receives every root it does not own: at most
-Σ n² floats over all statistics (``scalable_shampoo_bench/distributed_time.py`` reports the
-bytes against the parameter count). The bytes are gathered verbatim
-(``all_gather`` of a byte buffer, no arithmetic), so every rank installs roots
-bit-identical to those the owner computed, and the run is bit-identical to a
-single process.
+**Directions travel, not parameters.** A direction is what the lr step consumes,
+so the lr, the weight decay and a scheduler stay in every rank's param groups,
+and in bf16 (``communication_dtype=torch.bfloat16``) only the update is rounded,
+never the weights themselves. In the default (each direction's own dtype: fp32,
+or fp64 for fp64 parameters) the bytes are sent verbatim and the run is
+bit-identical to one process. In bf16 the owner applies the same rounded
+direction as everyone else, so the ranks never drift apart.
 
-**Timeouts.** A rank that dies makes the collective fail on the others: gloo and
+**Checkpoints.** ``state_dict()`` is a collective under sharding: every rank
+must call it, and each gets the whole state (every owner's entries, and every
+rank's pending root results). ``load_state_dict`` keeps what this rank owns under
+the current world size, so a checkpoint loads at any world size.
+
+**Failures.** A rank that dies makes the collective fail on the others: gloo and
 NCCL raise when a peer's connection closes, and at the latest after the process
-group's ``timeout`` (``init_process_group(timeout=...)``). The error is re-raised
-as :class:`RootExchangeError` naming the step; resume from the last checkpoint
-(see the README's multi-GPU section).
+group's ``timeout``. The error is re-raised as :class:`ExchangeError` naming the
+step; resume from the last checkpoint (see the README's multi-GPU section).
 """
 
 from __future__ import annotations
 
 import io
 import os
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
-from .background import InlineRoots, Key, RootJob, RootOptions, RootOutcome, RootScheduler
-from .matrix_roots import RootMethod, fallback_chain
+from .blocks import BlockPlan
 
-__all__ = ["DistributedRoots", "RootExchangeError", "assign_owners", "load_checkpoint", "save_checkpoint"]
-
-_META = 4  # float64 per job: residual, ε_eff, λ_max, fallback stage (-1: rejected)
+__all__ = ["ExchangeError", "Sharding", "assign_owners", "load_checkpoint", "param_cost", "save_checkpoint"]
 
 
-class RootExchangeError(RuntimeError):
-    """The collective that shares roots failed, most likely because a rank died."""
+class ExchangeError(RuntimeError):
+    """The step's collective failed, most likely because a rank died."""
 
 
-def assign_owners(sizes: list[int], world_size: int) -> list[int]:
-    """Owner rank of each job: longest first, to the least-loaded rank (cost n³).
+def param_cost(plan: BlockPlan, frequency: int) -> float:
+    """The step's work for one parameter: statistics and preconditioning (2·numel·Σnᵢ per
+    block), amortized roots (Σnᵢ³ / frequency) and the elementwise stages (numel)."""
+    cost = 0.0
+    for block in plan.blocks:
+        numel = 1
+        for n in block.shape:
+            numel *= n
+        dims = [block.shape[a] for a in block.axes]
+        cost += 2 * numel * sum(dims) + sum(n**3 for n in dims) / frequency + numel
+    return cost
 
-    Ties break by job index and then by rank, so every rank computes the same
+
+def assign_owners(costs: list[float], world_size: int) -> list[int]:
+    """Owner rank of each item: the costliest first, to the least-loaded rank (greedy LPT).
+
+    Ties break by item index and then by rank, so every rank computes the same
     assignment from the same list. Ranks may own nothing.
     """
-    load = [0] * world_size
-    owners = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+    load = [0.0] * world_size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         rank = min(range(world_size), key=lambda r: (load[r], r))
         owners[i] = rank
-        load[rank] += sizes[i] ** 3
+        load[rank] += costs[i]
     return owners
 
 
-@dataclass
-class _Due:
-    """What every rank knows of a job whose result is due: enough to decode it."""
+class Sharding:
+    """This rank's place in the group that shares the optimizer's work."""
 
-    key: Key
-    step: int
-    n: int
-    dtype: torch.dtype
-    options: RootOptions
-    owner: int
-
-    @property
-    def root_bytes(self) -> int:
-        return self.n * self.n * self.dtype.itemsize
-
-    def stage_names(self, device: torch.device) -> list[str]:
-        o = self.options
-        return [c[0] for c in fallback_chain(o.method.resolve(device), o.dtype, o.eps, o.retries)]
-
-
-class DistributedRoots:
-    """Each rank computes the roots it owns; one ``all_gather`` per recomputation shares them.
-
-    ``inner`` runs this rank's share: :class:`InlineRoots` (default) or a
-    deterministic ``BackgroundRoots``. Latency mode can't be used: ranks would
-    install results at different steps and drift apart.
-    """
-
-    def __init__(self, inner: RootScheduler | None = None, group: Any = None) -> None:
-        self.inner: RootScheduler = inner if inner is not None else InlineRoots()
-        if getattr(self.inner, "mode", "deterministic") != "deterministic":
-            raise ValueError(f"DistributedRoots needs a deterministic scheduler, got mode={self.inner.mode!r}")  # type: ignore[attr-defined]
+    def __init__(self, group: Any, communication_dtype: torch.dtype | None = None) -> None:
         self.group = group
-        self.delay = int(getattr(self.inner, "delay", 0))
-        self._due: dict[int, list[_Due]] = {}  # apply step → every rank's jobs
-        self.bytes_received = 0  # bytes this rank received, for the benchmark
-        self.device = torch.device("cpu")
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.communication_dtype = communication_dtype
+        self.bytes_received = 0  # by this rank, for the benchmark
 
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size(self.group)
+    def wire(self, d: Tensor) -> Tensor:
+        """A direction as it travels (and as its owner must use it too)."""
+        return d if self.communication_dtype is None else d.to(self.communication_dtype)
 
-    def run(self, step: int, jobs: list[RootJob]) -> list[RootOutcome]:
-        world, rank = self.world_size, dist.get_rank(self.group)
-        owners = assign_owners([j.matrix.shape[-1] for j in jobs], world)
-        if jobs:
-            # every rank knows every job; only the owner computes it
-            self._due[step + self.delay] = [
-                _Due(j.key, j.step, j.matrix.shape[-1], j.matrix.dtype, j.options, o) for j, o in zip(jobs, owners)
-            ]
-        if jobs:
-            self.device = jobs[0].matrix.device  # where the statistics live: the buffers go there
-        mine = self.inner.run(step, [j for j, o in zip(jobs, owners) if o == rank])
-        due = self._due.pop(step, None)
-        if due is None:
-            assert not mine, "a result arrived at a step where none was due"
-            return []
-        return self._exchange(step, due, {o.key: o for o in mine}, world, rank)
+    def share(self, step: int, owners: list[int], shapes: list[tuple[torch.Size, torch.dtype]],
+              mine: list[Tensor]) -> list[Tensor]:  # fmt: skip
+        """Every item's direction, from the owners' ``mine`` (in item order): one ``all_gather``.
 
-    def _exchange(
-        self, step: int, due: list[_Due], mine: dict[Key, RootOutcome], world: int, rank: int
-    ) -> list[RootOutcome]:
-        record = [d.root_bytes + _META * 8 for d in due]
-        sizes = [sum(b for d, b in zip(due, record) if d.owner == r) for r in range(world)]
-        device = self.device
+        ``owners`` and ``shapes`` (shape and dtype on the wire) describe every item, the
+        same on every rank; ``mine`` are this rank's items' directions, already :meth:`wire`d.
+        """
+        nbytes = [torch.Size(s).numel() * dt.itemsize for s, dt in shapes]
+        sizes = [sum(b for b, o in zip(nbytes, owners) if o == r) for r in range(self.world)]
+        parts = [d.contiguous().view(-1).view(torch.uint8) for d in mine]
+        device = mine[0].device if mine else torch.device("cpu")
         send = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
-        offset = 0
-        for d in (d for d in due if d.owner == rank):
-            out = mine[d.key]
-            stage = float(d.stage_names(device).index(out.method)) if out.ok else -1.0
-            meta = torch.tensor([out.residual, out.eps, out.lambda_max, stage], dtype=torch.float64)
-            for part in (out.root.to(device=device, dtype=d.dtype), meta.to(device)):
-                raw = part.contiguous().view(torch.uint8).flatten()
-                send[offset : offset + raw.numel()] = raw
-                offset += raw.numel()
-        recv = [torch.empty_like(send) for _ in range(world)]
+        if parts:
+            torch.cat(parts, out=send[: sizes[self.rank]])
+        recv = [torch.empty_like(send) for _ in range(self.world)]
         try:
             dist.all_gather(recv, send, group=self.group)
         except Exception as e:  # a dead peer: connection closed, or the group's timeout
-            raise RootExchangeError(f"sharing roots at step {step} failed on rank {rank}: {e}") from e
-        self.bytes_received += (world - 1) * send.numel()
-        outcomes = []
-        cursor = [0] * world
-        for d in due:
-            buf, start, n = recv[d.owner], cursor[d.owner], d.root_bytes
-            cursor[d.owner] += n + _META * 8
-            root = buf[start : start + n].clone().view(d.dtype).view(d.n, d.n)
-            meta = buf[start + n : start + n + _META * 8].cpu().clone().view(torch.float64)
-            residual, eps, lam, stage = meta.tolist()
-            ok = stage >= 0
-            method = d.stage_names(device)[int(stage)] if ok else "rejected"
-            outcomes.append(RootOutcome(d.key, d.step, root, residual, eps, lam, ok, method))
-        return outcomes
-
-    def state_dict(self) -> dict[str, Any]:
-        """The inner scheduler's state, plus the jobs every rank still expects (inline: none)."""
-        due = [
-            {**asdict(d), "key": list(d.key), "options": {**asdict(d.options), "method": d.options.method.value},
-             "apply": apply}
-            for apply, records in self._due.items() for d in records
-        ]  # fmt: skip
-        return {**self.inner.state_dict(), "distributed_due": due}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict({k: v for k, v in state.items() if k != "distributed_due"})
-        self._due = {}
-        for r in state.get("distributed_due", []):
-            options = RootOptions(**{**r["options"], "method": RootMethod(r["options"]["method"])})
-            d = _Due(tuple(r["key"]), r["step"], r["n"], r["dtype"], options, r["owner"])
-            self._due.setdefault(r["apply"], []).append(d)
-
-    def close(self) -> None:
-        self.inner.close()
+            raise ExchangeError(f"sharing updates at step {step} failed on rank {self.rank}: {e}") from e
+        self.bytes_received += (self.world - 1) * send.numel()
+        out, cursor, own = [], [0] * self.world, iter(mine)
+        for (shape, dtype), n, o in zip(shapes, nbytes, owners):
+            if o == self.rank:
+                out.append(next(own))
+            else:
+                out.append(recv[o][cursor[o] : cursor[o] + n].clone().view(dtype).view(shape))  # aligned copy
+            cursor[o] += n
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
-        """A copy shares the default process group; another group can't be copied or pickled."""
+        """A copy (deepcopy, pickle) shares the work in the default group, as its original did."""
         if self.group not in (None, dist.group.WORLD):
-            raise RuntimeError(
-                "an optimizer whose roots are split over a process group other than the default one "
-                "cannot be copied or pickled (a process group cannot travel): save its state_dict instead"
-            )
-        return {k: v for k, v in self.__dict__.items() if k != "group"}
+            raise RuntimeError("an optimizer sharded over a process group other than the default can't be copied")
+        return {"communication_dtype": self.communication_dtype}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "this optimizer splits its roots across ranks: load or copy it in a process where "
-                "torch.distributed is initialised (or load its state_dict into a new optimizer)"
-            )
-        self.__dict__.update(state)
-        self.group = dist.group.WORLD
+            raise RuntimeError("a copy of a sharded optimizer needs torch.distributed initialised, as its original")
+        self.__init__(dist.group.WORLD, state["communication_dtype"])  # type: ignore[misc]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (pickled), in rank order."""
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+def merge_pending(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One scheduler state holding every rank's pending results (entries of one submit step merged)."""
+    merged: dict[tuple[int, int], list[Any]] = {}
+    for state in states:
+        for item in state.get("pending", []):
+            merged.setdefault((item["submit_step"], item["apply_step"]), []).extend(item["outcomes"])
+    pending = [dict(submit_step=s, apply_step=a, outcomes=outs) for (s, a), outs in sorted(merged.items())]
+    return {**states[0], "pending": pending}
+
+
+def filter_pending(state: dict[str, Any], owned: set[int]) -> dict[str, Any]:
+    """The pending results of the parameters (by index) in ``owned``."""
+    pending = []
+    for item in state.get("pending", []):
+        outs = [o for o in item["outcomes"] if int(o["key"][0]) in owned]
+        if outs:
+            pending.append({**item, "outcomes": outs})
+    return {**state, "pending": pending}
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Save with ``torch.distributed.checkpoint``: the model as DCP shards (FSDP2 or
-    DDP), the optimizer's state, identical on every rank, as one object. Call on
-    every rank; a checkpoint saved at one world size loads at any other."""
+    DDP), the optimizer's whole state (gathered from its owners) as one object. Call
+    on every rank; a checkpoint saved at one world size loads at any other."""
     import torch.distributed.checkpoint as dcp  # here, so that importing the library does not load it
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 

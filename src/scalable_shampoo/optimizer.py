@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
 from .blocks import BlockPlan, make_plan
 from .buckets import Buckets, Entry, Spec
-from .distributed import DistributedRoots
+from .distributed import Sharding, assign_owners, param_cost
 from .functional import compiled, graft_stage_, heavy_ball_, weight_update_
 from .grafting import GraftingType
 from .matrix_roots import RootMethod
@@ -47,7 +47,7 @@ ParamGrad = tuple[int, dict[str, Any], Tensor, Tensor]  # (index, group, paramet
 _SCHEDULER_METHODS = ("run", "state_dict", "load_state_dict", "close")
 # what a copy or a pickle carries besides torch's defaults, state and param_groups, and
 # what an optimizer pickled by a version that lacked an attribute gets for it
-_COPIED = ("nonfinite_grad", "global_step", "skipped_steps", "batched", "compile_elementwise", "scheduler")
+_COPIED = ("nonfinite_grad", "global_step", "skipped_steps", "batched", "compile_elementwise", "scheduler", "_sharding")
 
 
 def _full(t: Tensor) -> Tensor:
@@ -130,11 +130,15 @@ class Shampoo(torch.optim.Optimizer):
             0.5 separates rounding from failure without sending roots to fp64 for nothing.
         nonfinite_grad: ``"skip"`` (default) or ``"raise"``, see :class:`NonFiniteGrad`.
         scheduler: where roots are computed; default inline (:class:`InlineRoots`).
-        process_group: under data parallelism, the ranks that split the root work
-            (:class:`~scalable_shampoo.distributed.DistributedRoots`). ``"default"``:
-            the default group when torch.distributed is initialised with more than
-            one rank; ``None``: every rank computes every root. The statistics must be
-            identical on every rank of the group (averaged gradients, as with DDP).
+        process_group: under data parallelism, the ranks that share the optimizer (ZeRO-1,
+            ``distributed.py``): each rank owns some parameters, keeps their state and
+            computes their updates, and one ``all_gather`` per step shares the updates.
+            ``"default"``: the default group when torch.distributed is initialised with
+            more than one rank; ``None``: every rank keeps and computes everything. The
+            gradients must be identical on every rank of the group (averaged, as by DDP).
+        communication_dtype: the dtype updates travel in under ``process_group``: ``None``
+            (each update's own, fp32 or fp64: bit-identical to one process) or
+            ``torch.bfloat16`` (half the bytes; every rank applies the same rounded update).
         batched: stack the equal blocks of all parameters (batched matmuls, ``buckets.py``);
             ``False``: a stack per block, the reference it is tested against.
         compile_elementwise: run the first moment, the grafting accumulators and the
@@ -173,6 +177,7 @@ class Shampoo(torch.optim.Optimizer):
         nonfinite_grad: NonFiniteGrad | str = NonFiniteGrad.SKIP,
         scheduler: RootScheduler | None = None,
         process_group: Any = "default",
+        communication_dtype: torch.dtype | None = None,
         batched: bool = True,
         compile_elementwise: bool = False,
     ) -> None:
@@ -196,8 +201,10 @@ class Shampoo(torch.optim.Optimizer):
         self.scheduler: RootScheduler = scheduler if scheduler is not None else InlineRoots()
         if process_group == "default":
             process_group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        self._sharding: Sharding | None = None
         if process_group is not None and dist.get_world_size(process_group) > 1:
-            self.scheduler = DistributedRoots(self.scheduler, process_group)
+            self._sharding = Sharding(process_group, communication_dtype)
+        self._owner_cache: tuple[Any, list[int]] = ((), [])
         self.global_step = 0  # steps taken (skipped steps not counted)
         self.skipped_steps = 0
         self.batched = batched
@@ -299,7 +306,8 @@ class Shampoo(torch.optim.Optimizer):
         default, as torch.optim's optimizers do in ``__setstate__``. A new setting's
         default therefore reproduces the behaviour from before it existed.
         """
-        skip = {"self", "params", "nonfinite_grad", "scheduler", "process_group", "batched", "compile_elementwise"}
+        skip = {"self", "params", "nonfinite_grad", "scheduler", "process_group", "communication_dtype", "batched",
+                "compile_elementwise"}  # fmt: skip
         sig = inspect.signature(cls.__init__).parameters
         defaults = {name: prm.default for name, prm in sig.items() if name not in skip}
         return {k: v.value if isinstance(v, Enum) else v for k, v in defaults.items()}  # as groups hold them
@@ -325,11 +333,13 @@ class Shampoo(torch.optim.Optimizer):
                 group.setdefault(name, value)
         if "_buckets" not in self.__dict__:  # a copy or an unpickled optimizer, not a load_state_dict
             fallback = dict(nonfinite_grad=NonFiniteGrad.SKIP, skipped_steps=0, batched=True, compile_elementwise=False,
-                            global_step=max((int(s["step"]) for s in self.state.values() if "step" in s), default=0))
+                            global_step=max((int(s["step"]) for s in self.state.values() if "step" in s), default=0),
+                            _sharding=None)  # fmt: skip
             for name in _COPIED:
                 if name not in self.__dict__:
                     setattr(self, name, InlineRoots() if name == "scheduler" else fallback[name])
             self._buckets = Buckets()
+            self._owner_cache = ((), [])
             StateCodec.attach(self)  # torch's __setstate__ starts with no hooks: the library's come back
 
     def _params_with_grad(self) -> list[ParamGrad]:
@@ -385,6 +395,10 @@ class Shampoo(torch.optim.Optimizer):
             return loss
         self.global_step += 1
 
+        every = params
+        if self._sharding is not None:  # ZeRO-1: this rank's parameters only, until the updates are shared
+            owners = self.owners()
+            params = [pg for pg in params if owners[pg[0]] == self._sharding.rank]
         # G ← ∇W (+ λW with L2 weight decay)
         grads = [self._gradient(p, grad, group) for _, group, p, grad in params]
         steps = self._count_steps(params)
@@ -399,9 +413,32 @@ class Shampoo(torch.optim.Optimizer):
         xs, ds = self._graft(params, grads, steps)
         # P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖D‖/‖P‖  (P = D for a block without roots)
         directions = self._buckets.directions(gathered, grads, xs, ds)
-        # B ← μB + P;  W ← W(1 − lr·λ) − lr·P
-        self._apply_updates(params, directions)
+        # B ← μB + P
+        directions = self._momentum(params, directions)
+        if self._sharding is not None:  # every rank gets every update: one all_gather
+            directions = self._share(every, owners, directions)
+        # W ← W(1 − lr·λ) − lr·P
+        self._apply_updates(every, directions)
         return loss
+
+    def owners(self) -> list[int]:
+        """The rank that owns each parameter (param_groups order): a pure function of the shapes,
+        the options and the world size (all zeros without sharding). Cached until they change."""
+        if self._sharding is None:
+            return [0] * sum(len(g["params"]) for g in self.param_groups)
+        plans = [(self.plan(p, g), g["precondition_frequency"]) for g in self.param_groups for p in g["params"]]
+        key = (self._sharding.world, plans)
+        if self._owner_cache[0] != key:
+            self._owner_cache = (key, assign_owners([param_cost(*pf) for pf in plans], self._sharding.world))
+        return self._owner_cache[1]
+
+    def _share(self, every: list[ParamGrad], owners: list[int], mine: list[Tensor]) -> list[Tensor]:
+        """All updates (P after momentum) of ``every`` parameter, from their owners' ``mine``."""
+        assert self._sharding is not None
+        wire = self._sharding.communication_dtype
+        shapes = [(torch.Size(grad.shape), wire or self._state_dtype(p)) for _, _, p, grad in every]
+        return self._sharding.share(self.global_step, [owners[i] for i, *_ in every], shapes,
+                                    [self._sharding.wire(d) for d in mine])  # fmt: skip
 
     def _gradient(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
         g = grad.to(self._state_dtype(p))
@@ -524,18 +561,26 @@ class Shampoo(torch.optim.Optimizer):
                 xs[i], ds[i] = xi, di
         return xs, ds
 
-    def _apply_updates(self, params: list[ParamGrad], directions: list[Tensor]) -> None:
-        """B ← μB + P (B starts as P);  W ← W(1 − lr·λ) − lr·P, fused per group of tensors."""
+    def _momentum(self, params: list[ParamGrad], directions: list[Tensor]) -> list[Tensor]:
+        """B ← μB + P (B starts as P); the direction is B, or P + μB with Nesterov."""
+        out = list(directions)
         for pos in self._fused(params):
             group = params[pos[0]][1]
-            ps, dirs = [params[i][2] for i in pos], [directions[i] for i in pos]
             if group["momentum"] > 0:
-                states = [self.state[p] for p in ps]
+                states = [self.state[params[i][2]] for i in pos]
                 bufs = [st.get("momentum_buffer") for st in states]
-                bufs, dirs = heavy_ball_(bufs, dirs, group["momentum"], group["nesterov"])
+                bufs, dirs = heavy_ball_(bufs, [out[i] for i in pos], group["momentum"], group["nesterov"])
                 for st, buf in zip(states, bufs):
                     st["momentum_buffer"] = buf
-            dirs = [d.to(p.dtype) for p, d in zip(ps, dirs)]
+                for i, d in zip(pos, dirs):
+                    out[i] = d
+        return out
+
+    def _apply_updates(self, params: list[ParamGrad], directions: list[Tensor]) -> None:
+        """W ← W(1 − lr·λ) − lr·P, fused per group of tensors."""
+        for pos in self._fused(params):
+            group = params[pos[0]][1]
+            ps, dirs = [params[i][2] for i in pos], [directions[i].to(params[i][2].dtype) for i in pos]
             if isinstance(ps[0], DTensor):  # this rank's shard of the full update, no communication
                 dirs = [_shard_like(p, d) for p, d in zip(ps, dirs)]
             decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0

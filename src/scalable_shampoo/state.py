@@ -130,11 +130,17 @@ class StateCodec:
 
     @staticmethod
     def _save(opt: Shampoo, sd: dict[str, Any]) -> dict[str, Any]:
+        scheduler = opt.scheduler.state_dict()
+        if opt._sharding is not None:  # a collective: every owner's entries, every rank's pending roots
+            from .distributed import merge_pending
+
+            sd["state"] = {k: v for part in opt._sharding.gather_objects(sd["state"]) for k, v in part.items()}
+            scheduler = merge_pending(opt._sharding.gather_objects(scheduler))
         sd[TOP_KEY] = {
             "format_version": FORMAT_VERSION,
             "global_step": opt.global_step,
             "skipped_steps": opt.skipped_steps,
-            "scheduler": opt.scheduler.state_dict(),
+            "scheduler": scheduler,
         }
         return sd
 
@@ -199,7 +205,11 @@ class StateCodec:
         sd, meta = opt.__dict__.pop("_loaded")
         saved_ids = chain.from_iterable(g["params"] for g in sd["param_groups"])
         params = chain.from_iterable(g["params"] for g in opt.param_groups)
-        for pid, p in zip(saved_ids, params):
+        owners, rank = opt.owners(), opt._sharding.rank if opt._sharding is not None else 0
+        for index, (pid, p) in enumerate(zip(saved_ids, params)):
+            if owners[index] != rank:  # under sharding, another rank's parameter: keep nothing of it
+                opt.state.pop(p, None)
+                continue
             if pid not in sd["state"]:
                 continue
             opt.state[p] = {
@@ -211,7 +221,12 @@ class StateCodec:
             _upgrade_root_info(opt.state[p])
         opt.global_step = int(meta["global_step"])
         opt.skipped_steps = int(meta["skipped_steps"])
-        opt.scheduler.load_state_dict(meta["scheduler"])
+        scheduler = meta["scheduler"]
+        if opt._sharding is not None:
+            from .distributed import filter_pending
+
+            scheduler = filter_pending(scheduler, {i for i, o in enumerate(owners) if o == rank})
+        opt.scheduler.load_state_dict(scheduler)
 
 
 
