@@ -48,13 +48,18 @@ block keys and the cause, or, with ``on_error="inline"``, warns and computes
 those roots in the training thread from the same snapshot (so deterministic mode
 stays bit-identical). A failed job installs nothing, so the previous roots stay.
 ``close()``, garbage collection of the scheduler and interpreter exit stop every
-thread and process (a process stuck in a computation is killed). Tests inject
+thread and process (a process stuck in a computation is killed). At interpreter
+exit queued jobs are dropped and a thread in the middle of a computation is waited
+for until it ends its current batch of matrices (at most ``timeout`` seconds): a
+thread left inside a torch op while the interpreter finalizes would abort the
+process (``terminate called without an active exception``). Tests inject
 sleeps, exceptions and hangs through ``compute_fn`` (default
 :func:`compute_roots`; it must be a picklable top-level function for processes).
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import pickle
@@ -125,6 +130,31 @@ class RootOutcome:
 
 ROOT_BATCHES = 16  # a group of equal matrices is computed in at most this many batches
 
+# Interpreter exit. A worker thread that is inside a torch op when the interpreter
+# finalizes, and returns from it afterwards, is torn down by CPython in the middle of
+# C++ code, which aborts the process ("terminate called without an active
+# exception", exit code 134). So at exit every worker thread is told to stop and
+# joined: queued jobs are dropped, and a job in progress stops at the end of its
+# current batch (``_EXITING`` is checked between batches).
+_EXITING = threading.Event()
+_FINALIZERS: set[weakref.finalize] = set()  # of the schedulers not yet closed or collected
+_THREADS: weakref.WeakKeyDictionary[threading.Thread, float] = weakref.WeakKeyDictionary()  # → exit wait (s)
+
+
+class _Stopped(Exception):
+    """A root computation abandoned because the interpreter is exiting."""
+
+
+def _at_exit() -> None:
+    _EXITING.set()
+    for f in list(_FINALIZERS):
+        f()  # drop queued jobs, stop the workers (a worker process is killed)
+    for t, wait in list(_THREADS.items()):
+        t.join(wait)  # a thread in a torch op finishes its batch first
+
+
+atexit.register(_at_exit)
+
 
 def compute_roots(jobs: list[RootJob]) -> list[RootOutcome]:
     """Compute every job's root, batching the matrices that share size, p and options.
@@ -145,6 +175,8 @@ def compute_roots(jobs: list[RootJob]) -> list[RootOutcome]:
         size = max(1, -(-len(group) // ROOT_BATCHES))
         chunks += [(key, group[i : i + size]) for i in range(0, len(group), size)]
     for (opts, p, _, _, _), batch in chunks:
+        if _EXITING.is_set() and threading.current_thread() is not threading.main_thread():
+            raise _Stopped("the interpreter is exiting")
         res = inverse_root(
             torch.stack([j.matrix for j in batch]),
             p,
@@ -399,7 +431,7 @@ def _shutdown(tasks: queue.Queue[Task | None], threads: list[threading.Thread], 
     for r in runners:
         r.stop(timeout)  # unblocks its proxy thread
     for t in threads:
-        t.join(timeout)
+        t.join(timeout)  # interpreter exit joins whatever is still running (see _at_exit)
 
 
 class BackgroundRoots:
@@ -470,7 +502,13 @@ class BackgroundRoots:
         ]
         for t in self._threads:
             t.start()
+            _THREADS[t] = timeout
+        # run at garbage collection, or at interpreter exit by _at_exit (not by weakref's own
+        # exit hook, which would leave a thread that is still computing to be torn down)
         self._finalizer = weakref.finalize(self, _shutdown, self._tasks, self._threads, self._runners, 1.0)
+        self._finalizer.atexit = False
+        _FINALIZERS.difference_update([f for f in _FINALIZERS if not f.alive])
+        _FINALIZERS.add(self._finalizer)
 
     # ------------------------------------------------------------------ the protocol
     def run(self, step: int, jobs: list[RootJob]) -> list[RootOutcome]:
@@ -525,6 +563,7 @@ class BackgroundRoots:
         if not self._closed:
             self._closed = True
             self._finalizer.detach()
+            _FINALIZERS.discard(self._finalizer)
             _shutdown(self._tasks, self._threads, self._runners, timeout)
             self._pending.clear()
 
