@@ -33,7 +33,7 @@ from .kronecker import stacked_precondition, stacked_unfolding
 __all__ = ["Bucket", "Buckets"]
 
 # what a parameter brings to the buckets:
-# (p, plan, state dtype, device, (betas, grafting, exponent_override, root_storage_dtype))
+# (p, plan, state dtype, device, (β₂, grafting, exponent_override, root_storage_dtype))
 Entry = tuple[Tensor, BlockPlan, torch.dtype, torch.device, tuple[Any, ...]]
 
 
@@ -61,7 +61,7 @@ class Bucket:
     def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                  hyper: tuple[Any, ...]) -> None:  # fmt: skip
         self.shape, self.axes, self.dtype, self.device = shape, axes, dtype, device
-        beta2 = hyper[0][1]
+        beta2 = hyper[0]
         self.beta2, self.w = beta2, 1.0 if beta2 == 1 else 1.0 - beta2
         self.rescale = hyper[1] != "none"  # grafting NONE keeps Shampoo's own scale
         self.root_dtype = hyper[3] or dtype  # the roots' storage (root_storage_dtype)
@@ -204,6 +204,7 @@ class Buckets:
         self.buckets: list[Bucket] = []
         self.signature: list[tuple[Any, ...]] | None = None
         self.where: dict[tuple[int, int], tuple[Bucket, int]] = {}  # (id(p), block) → (bucket, row)
+        self.builds = 0  # how many times the buckets were (re)built
 
     def invalidate(self) -> None:
         self.signature = None
@@ -237,6 +238,7 @@ class Buckets:
             for m in bucket.members:
                 self.where |= {(id(m.p), b): (bucket, row) for row, b in enumerate(m.blocks, m.lo)}
         self.signature = signature
+        self.builds += 1
 
     def install_root(self, p: Tensor, block: int, axis: int, root: Tensor) -> Tensor | None:
         """The state entry for a new root of a bucketed block (a view of its stack), else None."""

@@ -382,7 +382,7 @@ class Shampoo(torch.optim.Optimizer):
         if self.batched:
             entries = [
                 (p, self.plan(p, group), g.dtype, g.device,
-                 (tuple(group["betas"]), group["grafting"], group["exponent_override"], group["root_storage_dtype"]))
+                 (group["betas"][1], group["grafting"], group["exponent_override"], group["root_storage_dtype"]))
                 for (_, group, p, _), g in zip(params, grads)
             ]  # fmt: skip
             self._buckets.refresh(self.state, entries)
