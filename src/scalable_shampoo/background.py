@@ -26,14 +26,14 @@ worker uses the process's torch thread count, so set it, e.g. 1 on 2 cores).
 ``workers="process"`` runs each worker in a spawned process with ``num_threads``
 torch/OpenMP threads (``OMP_WAIT_POLICY=passive``) and an optional ``nice``; it
 costs ~2 s of start-up (importing torch) and pickles each snapshot and root.
-Measured on the shared 2-core CPU (``python -m scalable_shampoo_bench.background_time``:
+Measured on the 2-core CPU (``python -m scalable_shampoo_bench.background_time``:
 4×Linear(512), eigh roots every 20 steps, 80 steps, 1 torch thread, medians of 3
-interleaved repeats while other processes used ~85% of the CPU), end-to-end time
-relative to inline: latency/thread 0.82, latency/process 1.14,
-deterministic/thread 0.98, deterministic/process 1.34; max step 0.68 s (thread)
-vs 1.6 s (process) vs 3.2 s (inline). A worker process is scheduled apart
-from the training thread and so fell behind and made steps wait at the
-staleness bound; threads were faster, hence the default.
+interleaved repeats, other processes using ≤ 2% of the CPU; figures in
+``scalable_shampoo_bench/results/background_time.json``), end-to-end time relative
+to inline: latency/thread 0.68, latency/process 0.71, deterministic/thread 0.80,
+deterministic/process 0.79; max step 0.095 s (latency/thread) vs 0.12 s
+(latency/process) vs 0.59 s (inline). Threads were faster in latency mode and as
+fast in deterministic mode, and start without importing torch again, hence the default.
 
 **CUDA parameters.** ``cuda="host"`` (default): the snapshot is copied into
 pinned host memory with a ``non_blocking`` copy, the worker waits for that copy's
