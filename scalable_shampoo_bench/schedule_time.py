@@ -40,7 +40,7 @@ def build(args: argparse.Namespace, schedule: str) -> tuple[torch.nn.Module, Sha
     return model, opt, sched
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "schedule_time.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = ["constant", "onecycle"]
     runs = {n: build(args, n) for n in names}
