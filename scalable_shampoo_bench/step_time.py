@@ -43,7 +43,7 @@ Five measurements, all in one run and on one machine, written to one JSON file:
 The thread count is set explicitly (``--threads``) and recorded, with the torch
 version, the device, and the CPU time that other processes used during each
 measurement (from ``/proc/stat`` deltas minus this process's own CPU time; null
-where ``/proc/stat`` does not exist). See the project's benchmarking notes (BENCHMARKS.md) for why.
+where ``/proc/stat`` does not exist).
 
 Run ``python -m scalable_shampoo_bench.step_time --help``; ``--quick`` is a smoke test of a few seconds.
 The whole benchmark, every model, with the batched comparison::

@@ -1,4 +1,4 @@
-"""Split root work across data-parallel ranks (paper §4; SPEC §6).
+"""Split root work across data-parallel ranks (paper §4).
 
 Under data parallelism the gradients are already averaged, so every rank holds
 the same statistics and takes the same step. Only the roots are split:
