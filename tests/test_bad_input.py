@@ -192,3 +192,18 @@ def test_the_same_tensor_in_two_param_groups_is_refused():
     assert len(opt.param_groups) == 1  # refused before anything was added
     opt.add_param_group({"params": iter([model.bias])})  # a generator is taken whole
     assert opt.param_groups[1]["params"] == [model.bias]
+
+
+def test_a_cast_before_the_first_step_is_fine():
+    model, opt = setup()
+    for p in model.parameters():  # a skipped step (NaN gradients) creates no state
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    assert opt.skipped_steps == 1 and not opt.state
+    model.double()  # no state exists yet: it is created for float64 at the first step
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 5, dtype=torch.float64)).pow(2).mean().backward()
+        opt.step()
+    assert opt.state[model[0].weight]["stat.0.0"].dtype == torch.float64
+    finite(model, opt)

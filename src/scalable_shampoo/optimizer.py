@@ -244,8 +244,10 @@ class Shampoo(torch.optim.Optimizer):
         (``model.to(...)``, ``model.double()`` after the optimizer was built)."""
         for i, _, p, _ in params:
             now = (p.device, p.dtype)
-            was = self._placement.setdefault(p, now)
-            if was != now:
+            was = self._placement.get(p)
+            if was is None or not self.state.get(p):  # no state yet: it will be created where p is now
+                self._placement[p] = now
+            elif was != now:
                 raise ValueError(
                     f"parameter {i} (shape {tuple(p.shape)}) is now {now[1]} on {now[0]}, but its optimizer "
                     f"state was created for {was[1]} on {was[0]} (was the model moved or cast after the "
