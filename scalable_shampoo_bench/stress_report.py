@@ -2,6 +2,8 @@
 
     python -m scalable_shampoo_bench.stress_report [--out FILE.json]
 
+Writes ``scalable_shampoo_bench/results/stress_report.json`` unless ``--out`` says otherwise.
+
 Runs the stress cases of tests/test_stress.py (a 16×8 weight, 12 steps, roots every
 2 steps) with coupled Newton and with eigh, and counts, per case, the fallback
 stages that produced the installed roots, the rejected roots, the skipped steps
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -65,7 +68,7 @@ def run(kind: str, method: str, relative: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="stress_report.json")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "stress_report.json"))
     args = ap.parse_args(argv)
     rows = []
     print("| case | root method | ε | roots installed, by stage | blocks without root | rejected |"

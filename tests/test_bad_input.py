@@ -129,3 +129,81 @@ def test_step_without_any_gradient_is_a_no_op():
     model, opt = setup()
     opt.step()
     assert opt.global_step == 1 and len(opt.state) == 0
+
+
+# ---------------------------------------------------------------------- placement and duplicates
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_parameter_cast_after_the_optimizer_was_built_is_refused(batched):
+    model, opt = setup(batched=batched)
+    for i in range(3):
+        step(model, opt, i)
+    state = copy.deepcopy(opt.state_dict())
+    model.double()  # the same Parameter objects, now float64
+    opt.zero_grad()
+    model(torch.randn(8, 5, dtype=torch.float64)).pow(2).mean().backward()
+    with pytest.raises(ValueError, match=r"parameter 0 \(shape \(7, 5\)\) is now torch.float64 on cpu, but its "
+                                         r"optimizer state was created for torch.float32 on cpu"):
+        opt.step()
+    after = opt.state_dict()
+    assert opt.global_step == 3
+    assert after["state"][0].keys() == state["state"][0].keys()
+    for k, v in state["state"][0].items():  # nothing was changed
+        assert torch.equal(after["state"][0][k], v) if torch.is_tensor(v) else after["state"][0][k] == v, k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_parameter_moved_to_another_device_after_the_optimizer_was_built_is_refused():
+    model, opt = setup()
+    for i in range(3):
+        step(model, opt, i)
+    model.to("cuda")
+    opt.zero_grad()
+    model(torch.randn(8, 5, device="cuda")).pow(2).mean().backward()
+    with pytest.raises(ValueError, match=r"parameter 0 \(shape \(7, 5\)\) is now torch.float32 on cuda:0, but its "
+                                         r"optimizer state was created for torch.float32 on cpu"):
+        opt.step()
+
+
+def test_a_fresh_optimizer_after_the_cast_trains():
+    model, opt = setup()
+    step(model, opt)
+    model.double()
+    opt = Shampoo(model.parameters(), lr=1e-2, **FAST)  # built after the cast: fine
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(8, 5, dtype=torch.float64)).pow(2).mean().backward()
+        opt.step()
+    assert opt.state[model[0].weight]["stat.0.0"].dtype == torch.float64
+    finite(model, opt)
+
+
+def test_the_same_tensor_in_two_param_groups_is_refused():
+    model = nn.Linear(3, 2)
+    w = model.weight
+    with pytest.raises(ValueError, match=r"params: the tensor at position 0 of param group 1 \(shape \(2, 3\)\) "
+                                         r"is already in param group 0, position 0"):
+        Shampoo([{"params": [w, model.bias]}, {"params": [w], "lr": 0.1}])
+    with pytest.raises(ValueError, match=r"position 2 of param group 0 \(shape \(2, 3\)\) is already in this "
+                                         r"group, position 0"):
+        Shampoo([w, model.bias, w])
+    opt = Shampoo([w])
+    with pytest.raises(ValueError, match=r"position 1 of param group 1 .* already in param group 0, position 0"):
+        opt.add_param_group({"params": iter([model.bias, w])})
+    assert len(opt.param_groups) == 1  # refused before anything was added
+    opt.add_param_group({"params": iter([model.bias])})  # a generator is taken whole
+    assert opt.param_groups[1]["params"] == [model.bias]
+
+
+def test_a_cast_before_the_first_step_is_fine():
+    model, opt = setup()
+    for p in model.parameters():  # a skipped step (NaN gradients) creates no state
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    assert opt.skipped_steps == 1 and not opt.state
+    model.double()  # no state exists yet: it is created for float64 at the first step
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 5, dtype=torch.float64)).pow(2).mean().backward()
+        opt.step()
+    assert opt.state[model[0].weight]["stat.0.0"].dtype == torch.float64
+    finite(model, opt)

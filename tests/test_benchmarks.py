@@ -209,3 +209,17 @@ def test_shampoo_variants_parse_and_reach_the_optimizer() -> None:
         shampoo_variant("shampoo[block_size=big]")
     with pytest.raises(ValueError, match=r"expected shampoo\[key=value;…\], got 'block_size'"):
         shampoo_variant("shampoo[block_size]")
+
+
+def test_schedule_time_writes_the_ratio_and_one_build_each(tmp_path: Path) -> None:
+    from scalable_shampoo_bench import schedule_time
+
+    out = tmp_path / "schedule_time.json"
+    schedule_time.main(["--dim", "32", "--layers", "2", "--block-size", "16", "--steps", "12", "--start", "2",
+                        "--out", str(out)])  # fmt: skip
+    d = json.loads(out.read_text())
+    assert d["bucket_builds"] == {"constant": 1, "onecycle": 1}
+    assert d["beta1_range"][0] < d["beta1_range"][1]  # β₁ really cycled
+    med = d["median_step_s"]
+    assert d["ratio_onecycle_over_constant"] == pytest.approx(med["onecycle"] / med["constant"])
+    assert len(d["step_s"]["onecycle"]) == len(d["step_s"]["constant"]) == 12

@@ -26,9 +26,14 @@ worker uses the process's torch thread count, so set it, e.g. 1 on 2 cores).
 ``workers="process"`` runs each worker in a spawned process with ``num_threads``
 torch/OpenMP threads (``OMP_WAIT_POLICY=passive``) and an optional ``nice``; it
 costs ~2 s of start-up (importing torch) and pickles each snapshot and root.
-Threads are the default: on a 2-core CPU a worker process, scheduled apart from
-the training thread, fell behind and made steps wait at the staleness bound (the
-README's *Background roots* section gives the measurements).
+Measured on the 2-core CPU (``python -m scalable_shampoo_bench.background_time``:
+4×Linear(512), eigh roots every 20 steps, 80 steps, 1 torch thread, medians of 3
+interleaved repeats, other processes using ≤ 2% of the CPU; figures in
+``scalable_shampoo_bench/results/background_time.json``), end-to-end time relative
+to inline: latency/thread 0.68, latency/process 0.71, deterministic/thread 0.80,
+deterministic/process 0.79; max step 0.095 s (latency/thread) vs 0.12 s
+(latency/process) vs 0.59 s (inline). Threads were faster in latency mode and as
+fast in deterministic mode, and start without importing torch again, hence the default.
 
 **CUDA parameters.** ``cuda="host"`` (default): the snapshot is copied into
 pinned host memory with a ``non_blocking`` copy, the worker waits for that copy's
@@ -43,13 +48,18 @@ block keys and the cause, or, with ``on_error="inline"``, warns and computes
 those roots in the training thread from the same snapshot (so deterministic mode
 stays bit-identical). A failed job installs nothing, so the previous roots stay.
 ``close()``, garbage collection of the scheduler and interpreter exit stop every
-thread and process (a process stuck in a computation is killed). Tests inject
+thread and process (a process stuck in a computation is killed). At interpreter
+exit queued jobs are dropped and a thread in the middle of a computation is waited
+for until it ends its current batch of matrices (at most ``timeout`` seconds): a
+thread left inside a torch op while the interpreter finalizes would abort the
+process (``terminate called without an active exception``). Tests inject
 sleeps, exceptions and hangs through ``compute_fn`` (default
 :func:`compute_roots`; it must be a picklable top-level function for processes).
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import pickle
@@ -120,6 +130,31 @@ class RootOutcome:
 
 ROOT_BATCHES = 16  # a group of equal matrices is computed in at most this many batches
 
+# Interpreter exit. A worker thread that is inside a torch op when the interpreter
+# finalizes, and returns from it afterwards, is torn down by CPython in the middle of
+# C++ code, which aborts the process ("terminate called without an active
+# exception", exit code 134). So at exit every worker thread is told to stop and
+# joined: queued jobs are dropped, and a job in progress stops at the end of its
+# current batch (``_EXITING`` is checked between batches).
+_EXITING = threading.Event()
+_FINALIZERS: set[weakref.finalize] = set()  # of the schedulers not yet closed or collected
+_THREADS: weakref.WeakKeyDictionary[threading.Thread, float] = weakref.WeakKeyDictionary()  # → exit wait (s)
+
+
+class _Stopped(Exception):
+    """A root computation abandoned because the interpreter is exiting."""
+
+
+def _at_exit() -> None:
+    _EXITING.set()
+    for f in list(_FINALIZERS):
+        f()  # drop queued jobs, stop the workers (a worker process is killed)
+    for t, wait in list(_THREADS.items()):
+        t.join(wait)  # a thread in a torch op finishes its batch first
+
+
+atexit.register(_at_exit)
+
 
 def compute_roots(jobs: list[RootJob]) -> list[RootOutcome]:
     """Compute every job's root, batching the matrices that share size, p and options.
@@ -128,7 +163,8 @@ def compute_roots(jobs: list[RootJob]) -> list[RootOutcome]:
     memory (the stacked batch, its damped copy, eigenvectors, the root, fallbacks:
     ~7 copies of a batch) then stays near one extra copy of the statistics being
     processed, plus the new roots. Measured peak growth for 96 matrices of 256²
-    (24 MB): 47–52 MB with this split, 180 MB as one batch.
+    (24 MB of statistics, 24 MB of new roots): 35–37 MB with this split, 168 MB as
+    one batch (``python -m scalable_shampoo_bench.memory_report --sections roots``).
     """
     groups: dict[tuple[Any, ...], list[RootJob]] = defaultdict(list)
     for job in jobs:
@@ -140,6 +176,8 @@ def compute_roots(jobs: list[RootJob]) -> list[RootOutcome]:
         size = max(1, -(-len(group) // ROOT_BATCHES))
         chunks += [(key, group[i : i + size]) for i in range(0, len(group), size)]
     for (opts, exponent, _, _, _), batch in chunks:
+        if _EXITING.is_set() and threading.current_thread() is not threading.main_thread():
+            raise _Stopped("the interpreter is exiting")
         res = inverse_root(
             torch.stack([j.matrix for j in batch]),
             exponent,
@@ -401,7 +439,7 @@ def _shutdown(tasks: queue.Queue[Task | None], threads: list[threading.Thread], 
     for r in runners:
         r.stop(timeout)  # unblocks its proxy thread
     for t in threads:
-        t.join(timeout)
+        t.join(timeout)  # interpreter exit joins whatever is still running (see _at_exit)
 
 
 class BackgroundRoots:
@@ -477,7 +515,13 @@ class BackgroundRoots:
         ]
         for t in self._threads:
             t.start()
+            _THREADS[t] = timeout
+        # run at garbage collection, or at interpreter exit by _at_exit (not by weakref's own
+        # exit hook, which would leave a thread that is still computing to be torn down)
         self._finalizer = weakref.finalize(self, _shutdown, self._tasks, self._threads, self._runners, 1.0)
+        self._finalizer.atexit = False
+        _FINALIZERS.difference_update([f for f in _FINALIZERS if not f.alive])
+        _FINALIZERS.add(self._finalizer)
 
     # ------------------------------------------------------------------ the protocol
     def run(self, step: int, jobs: list[RootJob]) -> list[RootOutcome]:
@@ -532,6 +576,7 @@ class BackgroundRoots:
         if not self._closed:
             self._closed = True
             self._finalizer.detach()
+            _FINALIZERS.discard(self._finalizer)
             _shutdown(self._tasks, self._threads, self._runners, timeout)
             self._pending.clear()
 

@@ -210,11 +210,13 @@ class Shampoo(torch.optim.Optimizer):
         self.batched = batched
         self.compile_elementwise = compile_elementwise
         self._buckets = Buckets()  # the engine: stacked blocks; state entries are views of them
+        self._placement: dict[Tensor, tuple[torch.device, torch.dtype]] = {}  # where each parameter's state lives
         super().__init__(params, defaults)
         StateCodec.attach(self)
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._refuse_duplicates(param_group)
         super().add_param_group(param_group)
         if hasattr(self, "_buckets"):
             self._buckets.invalidate()
@@ -224,6 +226,41 @@ class Shampoo(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def _refuse_duplicates(self, param_group: dict[str, Any]) -> None:
+        """A tensor may be in one param group, once: it has one state and takes one step."""
+        params = param_group.get("params")
+        new = [params] if isinstance(params, Tensor) else list(params) if params is not None else []
+        seen = {id(p): (gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])}
+        group = len(self.param_groups)
+        for i, p in enumerate(new):
+            if not isinstance(p, Tensor):
+                continue  # torch.optim's own check names the type
+            if id(p) in seen:
+                gi, j = seen[id(p)]
+                where = f"param group {gi}, position {j}" if gi < group else f"this group, position {j}"
+                raise ValueError(
+                    f"params: the tensor at position {i} of param group {group} (shape {tuple(p.shape)}) is "
+                    f"already in {where}; a tensor may be in only one param group, once"
+                )
+            seen[id(p)] = (group, i)
+        if params is not None and not isinstance(params, (Tensor, list, tuple, set)):
+            param_group["params"] = new  # a generator was consumed here
+
+    def _check_placement(self, params: list[ParamGrad]) -> None:
+        """Refuse a parameter whose device or dtype changed after its state was created
+        (``model.to(...)``, ``model.double()`` after the optimizer was built)."""
+        for i, _, p, _ in params:
+            now = (p.device, p.dtype)
+            was = self._placement.get(p)
+            if was is None or not self.state.get(p):  # no state yet: it will be created where p is now
+                self._placement[p] = now
+            elif was != now:
+                raise ValueError(
+                    f"parameter {i} (shape {tuple(p.shape)}) is now {now[1]} on {now[0]}, but its optimizer "
+                    f"state was created for {was[1]} on {was[0]} (was the model moved or cast after the "
+                    "optimizer was built?); build the optimizer after model.to(...). No state was changed"
+                )
 
     @staticmethod
     def _validate(g: dict[str, Any]) -> None:
@@ -294,6 +331,7 @@ class Shampoo(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._placement.clear()  # the loaded state was cast to where the parameters are now
         self._buckets.invalidate()  # the loaded tensors are re-stacked at the next step
 
     # ------------------------------------------------------------------ copies and pickles
@@ -340,6 +378,7 @@ class Shampoo(torch.optim.Optimizer):
                     setattr(self, name, InlineRoots() if name == "scheduler" else fallback[name])
             self._buckets = Buckets()
             self._owner_cache = ((), [])
+            self._placement = {}
             StateCodec.attach(self)  # torch's __setstate__ starts with no hooks: the library's come back
 
     def _params_with_grad(self) -> list[ParamGrad]:
@@ -390,6 +429,7 @@ class Shampoo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._params_with_grad()
+        self._check_placement(params)
         if not self._grads_finite(params):
             self.skipped_steps += 1  # nothing touched: statistics, roots, moments, weights
             return loss
