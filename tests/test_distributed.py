@@ -324,3 +324,76 @@ def test_torchrun_restarts_after_sigkill_and_resumes_bitwise(tmp_path):
         ref_opt.step()
     got = torch.load(out, weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(got, ref.parameters()))
+
+
+def resume_worker(rank, world, init_file, phase, ckpt, out):
+    init(rank, world, init_file)
+    model = build()
+    opt = Shampoo(groups(model), scheduler=InlineRoots(delay=2), **FAST)
+    start = 0
+    if phase == "load":
+        saved = torch.load(ckpt, weights_only=True)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), saved["params"]):
+                p.copy_(q)
+        opt.load_state_dict(saved["opt"])
+        start = 5
+    for step in range(start, STEPS):
+        set_grads(model, step)
+        opt.step()
+        if phase == "save" and step == 4:  # after step 5: the roots of step 5 are due at step 7
+            sd = opt.state_dict()  # a collective: every rank calls it, each gets the whole state
+            assert sd["scalable_shampoo"]["scheduler"]["pending"], "nothing was pending"
+            if rank == 0:
+                torch.save({"opt": sd, "params": [p.detach().clone() for p in model.parameters()]}, ckpt)
+    if rank == 0:
+        torch.save([p.detach() for p in model.parameters()], out)
+    finish()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank0_checkpoint_with_delayed_roots_resumes_on_every_rank_bitwise(tmp_path, world):
+    """Saved on rank 0 at world size 2 mid-delay, resumed at ``world``: each rank takes its own
+    parameters' state and pending roots, and the run continues as one uninterrupted process."""
+    ckpt = str(tmp_path / "opt.pt")
+    mp.spawn(resume_worker, args=(2, str(tmp_path / "i1"), "save", ckpt, str(tmp_path / "a.pt")), nprocs=2)
+    mp.spawn(resume_worker, args=(world, str(tmp_path / "i2"), "load", ckpt, str(tmp_path / "b.pt")), nprocs=world)
+    ref = build()
+    ref_opt = Shampoo(groups(ref), scheduler=InlineRoots(delay=2), process_group=None, **FAST)
+    for step in range(STEPS):
+        set_grads(ref, step)
+        ref_opt.step()
+    for name in ("a.pt", "b.pt"):
+        got = torch.load(tmp_path / name, weights_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref.parameters())), name
+
+
+def bf16_worker(rank, world, init_file, out_dir):
+    init(rank, world, init_file)
+    result = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        model = build()
+        opt = Shampoo(groups(model), communication_dtype=dtype, **FAST)
+        for step in range(STEPS):
+            set_grads(model, step)
+            opt.step()
+        result[name] = ([p.detach() for p in model.parameters()], opt._sharding.bytes_received)
+    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+    finish()
+
+
+def test_bf16_communication_halves_the_bytes_and_keeps_the_ranks_identical(tmp_path):
+    mp.spawn(bf16_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2))
+    for name in ("fp32", "bf16"):
+        assert all(torch.equal(a, b) for a, b in zip(r0[name][0], r1[name][0]))  # the ranks never drift apart
+    assert r0["bf16"][1] * 2 == r0["fp32"][1]
+    ref = build()
+    ref_opt = Shampoo(groups(ref), process_group=None, **FAST)
+    for step in range(STEPS):
+        set_grads(ref, step)
+        ref_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(r0["fp32"][0], ref.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(r0["bf16"][0], ref.parameters()))  # rounded updates
+    for a, b in zip(r0["bf16"][0], ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
