@@ -112,10 +112,10 @@ def make_trainer(
             model=model, args=args, train_dataset=train, callbacks=callbacks, optimizer_cls_and_kwargs=(Shampoo, kwargs)
         )
     scheduler = BackgroundRoots(mode="deterministic", delay=2) if background else None
-    decay = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+    # no weight decay on vectors (norm gains; a Llama has no biases): the Trainer's own grouping
     groups = [
-        {"params": [p for n, p in model.named_parameters() if n in decay]},
-        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
+        {"params": [p for p in model.parameters() if p.ndim >= 2]},
+        {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
     ]
     optimizer = Shampoo(groups, scheduler=scheduler, **SHAMPOO)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=steps)
