@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -45,3 +47,14 @@ def assert_bitwise(a, b, allow_empty=False):
     for k in fa:
         assert fa[k].dtype == fb[k].dtype, k
         assert torch.equal(fa[k], fb[k]), f"{k} differs"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread while a test runs (bitwise comparisons, a shared 2-core machine); restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,7 +1,7 @@
 """Shampoo with torch.compile and mixed precision (``examples/compile_and_amp.py``)."""
 
 import torch
-from example_loader import assert_bitwise, load
+from example_loader import assert_bitwise, load, one_thread  # noqa: F401 (autouse fixture)
 
 ex = load("compile_and_amp")
 STEPS = 8
@@ -12,7 +12,6 @@ def stats(opt):
 
 
 def test_compiled_model_trains_like_the_eager_one():
-    torch.set_num_threads(1)
     _, eager_opt, eager = ex.train("eager", STEPS, layers=1)
     model, opt, compiled = ex.train("compile", STEPS, layers=1)
     assert opt.global_step == STEPS and any(r["has_root"] for r in opt.diagnostics()["blocks"])
@@ -23,7 +22,6 @@ def test_compiled_model_trains_like_the_eager_one():
 
 
 def test_bf16_autocast_trains_with_fp32_statistics():
-    torch.set_num_threads(1)
     _, _, fp32 = ex.train("eager", STEPS)
     _, opt, run = ex.train("bf16-autocast", STEPS)
     assert all(s.dtype == torch.float32 for s in stats(opt)) and stats(opt)
@@ -38,7 +36,6 @@ def test_grad_scaler_skipped_steps_touch_no_optimizer_state():
     """fp16 autocast with GradScaler, started at a scale that overflows fp16: the scaler skips
     steps until its scale is low enough. A skipped step must leave every statistic, moment and
     weight as it was, and Shampoo must not count it again (it never sees the inf gradients)."""
-    torch.set_num_threads(1)
     for policy in ("skip", "raise"):  # "raise" never fires: the scaler does not call step() on infs
         model, opt, run = ex.train("fp16-scaler", STEPS + 4, init_scale=2.0**22, keep_states=True,
                                    nonfinite_grad=policy)  # fmt: skip
@@ -64,14 +61,12 @@ def test_grad_scaler_skipped_steps_touch_no_optimizer_state():
 
 
 def test_skipped_steps_before_any_step_leave_the_state_empty():
-    torch.set_num_threads(1)
     _, opt, run = ex.train("fp16-scaler", 2, init_scale=2.0**40, keep_states=True)
     assert run.scales[1] < run.scales[0]  # both overflowed
     assert opt.global_step == 0 and not opt.state and run.states[0]["state"] == {}
 
 
 def test_bf16_parameters_train_with_fp32_statistics_and_resume_bit_for_bit(tmp_path):
-    torch.set_num_threads(1)
     model, opt, run = ex.train("bf16-params", STEPS)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(s.dtype == torch.float32 for s in stats(opt)) and stats(opt)

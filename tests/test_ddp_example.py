@@ -13,7 +13,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from example_loader import EXAMPLES, assert_bitwise, load
+from example_loader import EXAMPLES, assert_bitwise, load, one_thread  # noqa: F401 (autouse fixture)
 
 from scalable_shampoo import Shampoo
 
@@ -22,7 +22,6 @@ STEPS, BATCH, WORLD = 6, 8, 2  # roots at step 3 (split across the 2 ranks), ins
 
 
 def single_process(steps):
-    torch.set_num_threads(1)
     data, vocab = ddp.windows(steps * BATCH * WORLD)
     loaders = [ddp.rank_loader(data, r, WORLD, BATCH) for r in range(WORLD)]
     model = ddp.make_model(vocab)

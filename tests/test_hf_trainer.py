@@ -3,7 +3,7 @@ of passing it, and a checkpoint resumed with ``resume_from_checkpoint`` bit for 
 
 import pytest
 import torch
-from example_loader import assert_bitwise, load
+from example_loader import assert_bitwise, load, one_thread  # noqa: F401 (autouse fixture)
 
 hf = load("hf_trainer")
 STEPS, STOP = 10, 4  # roots submitted at step 3 are installed at 5 (delay 2): in flight at the cut
@@ -19,7 +19,6 @@ def finish(trainer):
 
 @pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
 def test_resume_from_checkpoint_continues_bit_for_bit(tmp_path, background):
-    torch.set_num_threads(1)
     full = hf.make_trainer(str(tmp_path / "full"), STEPS, background=background)
     full.train()
     expected, expected_losses, opt = finish(full)
@@ -45,7 +44,6 @@ def test_resume_from_checkpoint_continues_bit_for_bit(tmp_path, background):
 
 
 def test_optimizer_cls_and_kwargs_equals_passing_the_instance(tmp_path):
-    torch.set_num_threads(1)
     by_cls = hf.make_trainer(str(tmp_path / "cls"), 6, cls_and_kwargs=True)
     by_cls.train()
     opt = hf.shampoo_of(by_cls)

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from example_loader import assert_bitwise, load
+from example_loader import assert_bitwise, load, one_thread  # noqa: F401 (autouse fixture)
 
 pl_ex = load("lightning_example")
 BATCH, EPOCH = 8, 4  # 4 batches an epoch
@@ -14,7 +14,6 @@ STEPS, STOP = 10, 4  # the cut is at an epoch's end; roots at steps 3 and 8
 
 
 def fit(tmp, steps, *, clip=1.0, save_every=None, ckpt=None):
-    torch.set_num_threads(1)
     loader, vocab = pl_ex.char_data(samples=BATCH * EPOCH, batch_size=BATCH)
     module = pl_ex.CharLM(vocab, total_steps=STEPS)
     trainer = pl_ex.make_trainer(str(tmp), steps, save_every=save_every, clip=clip)
@@ -77,7 +76,6 @@ def test_clipping_leaves_the_first_update_unchanged_and_reweights_later_steps(tm
     for entries whose clipped gradient is near eps), so a clipped first step is the unclipped
     one; clipping only reweights steps against each other in the moments and statistics, so
     later steps differ."""
-    torch.set_num_threads(1)
     init = fit(tmp_path / "0", 0)[0].state_dict()
     one_free, one_clip = fit(tmp_path / "a", 1, clip=None)[0], fit(tmp_path / "b", 1, clip=clip)[0]
     worst = 0.0

@@ -3,7 +3,7 @@ Adam only (no statistics, no roots: exactly AdamW) for the embeddings and the ou
 
 import torch
 import torch.nn.functional as F
-from example_loader import load
+from example_loader import load, one_thread  # noqa: F401 (autouse fixture)
 
 from scalable_shampoo import Shampoo
 from scalable_shampoo_bench.models import CharGPT
