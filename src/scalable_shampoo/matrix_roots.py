@@ -32,6 +32,7 @@ __all__ = [
     "inverse_root",
     "matrix_power",
     "max_eigenvalue",
+    "root_power",
     "root_residual",
 ]
 
@@ -70,8 +71,86 @@ class RootResult:
     stages: tuple[str, ...]
 
 
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 = _LN2_HI + _LN2_LO; _LN2_HI has 21 zero low bits,
+_LN2_LO = 1.90821492927058770002e-10  # so k·_LN2_HI is exact for |k| < 2^21
+_ATANH_TERMS = 12  # ln m = 2·atanh(s), |s| ≤ 0.1716: the next term is below 1e-19 relative
+_EXP_TERMS = 16  # eᶠ, |f| ≤ ln2/2: the next term is below 1e-20
+
+
+def _pow2(n: Tensor) -> Tensor:
+    """``2^n`` as float64 from its bits, for integers ``-1022 ≤ n ≤ 1023``: exact."""
+    return ((n + 1023) << 52).view(torch.float64)
+
+
+def root_power(x: Tensor, p: int, sign: int = -1) -> Tensor:
+    """``x^(±1/p)`` elementwise, for ``x ≥ 0`` and an integer ``p ≥ 1``, from exactly
+    rounded operations only, so that each element's value depends on that element alone.
+
+    ``torch.pow`` on a CPU does not have this property: its kernel runs the full
+    vector-width chunks of a tensor through SLEEF and the remainder (and each
+    thread's ragged chunk edge) through the C library, which round differently in
+    about 1% of the cases. The same eigenvalue then gets a different power, and
+    its matrix a different root, depending on which other matrices share its batch,
+    i.e. on how the root work was batched or split across ranks.
+
+    Here: x = m·2^k (``frexp``), k = p·q + r with 0 ≤ r < p, so
+    x^(±1/p) = 2^(±q)·exp(±(r·ln2 + ln m)/p), with ln m = 2·atanh((m−1)/(m+1)) and
+    exp by range reduction and series, in float64 (about 1 unit in the last place
+    of float64; a float32 result is then the correctly rounded one but within
+    ~1e-8 ulp of a tie). Sums, products, quotients, ``frexp`` and bit operations
+    give the same result in every SIMD lane and every scalar tail. 0 ↦ ∞ (0 for
+    +1/p), ∞ ↦ 0 (∞ for +1/p), negative or NaN ↦ NaN. Returned in ``x``'s dtype.
+    """
+    if isinstance(p, bool) or int(p) != p or p < 1 or sign not in (-1, 1):
+        raise ValueError(f"p must be a positive integer and sign ±1, got p={p!r}, sign={sign!r}")
+    p = int(p)
+    d = x.double()
+    finite_pos = torch.isfinite(d) & (d > 0)
+    d = torch.where(finite_pos, d, 1.0)
+    tiny = d < 2.0**-1000  # frexp needs a normal number: scale subnormals up, exactly
+    d = torch.where(tiny, d * 2.0**600, d)
+    m, k32 = torch.frexp(d)  # d = m·2^k, m ∈ [0.5, 1)
+    low = m < 0.7071067811865476  # m ∈ [√½, √2), so |s| ≤ 0.1716 below
+    m = torch.where(low, m * 2.0, m)
+    k = k32.to(torch.int64) - low.to(torch.int64) - tiny.to(torch.int64) * 600
+    q = torch.div(k, p, rounding_mode="floor")
+    r = (k - q * p).double()  # 0 ≤ r < p
+    s = (m - 1.0).div_(m + 1.0)  # m − 1 is exact
+    s2 = s * s
+    acc = torch.full_like(s, 1.0 / (2 * _ATANH_TERMS - 1))
+    for j in range(_ATANH_TERMS - 2, -1, -1):
+        acc.mul_(s2).add_(1.0 / (2 * j + 1))
+    ln_m = acc.mul_(s).mul_(2.0)
+    t = (r * _LN2_LO).add_(ln_m).add_(r * _LN2_HI).div_(float(p))  # ln(m·2^r)/p, |t| < 1.04
+    if sign < 0:
+        t, q = t.neg_(), q.neg_()
+    n = torch.round(t * 1.4426950408889634)  # eᵗ = 2ⁿ·eᶠ, |f| ≤ ln2/2 (n·_LN2_HI is exact)
+    f = t.sub_(n * _LN2_HI).sub_(n * _LN2_LO)
+    e = torch.ones_like(f)
+    for j in range(_EXP_TERMS, 0, -1):
+        e.mul_(f).mul_(1.0 / j).add_(1.0)
+    total = q.add_(n.to(torch.int64))  # |total| ≤ 1077: two exact factors of 2
+    half = torch.div(total, 2, rounding_mode="floor")
+    y = e.mul_(_pow2(half)).mul_(_pow2(total - half))
+    inf = float("inf")
+    special = torch.where(x == 0, inf if sign < 0 else 0.0, 0.0 if sign < 0 else inf)
+    special = torch.where((x == 0) | (x == inf), special, float("nan")).to(y.dtype)
+    return torch.where(finite_pos, y, special).to(x.dtype)
+
+
 def _eye_like(a: Tensor) -> Tensor:
     return torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+
+
+def _matvec(a: Tensor, v: Tensor) -> Tensor:
+    """``a @ v`` for vectors ``v`` ``[..., n]`` as an elementwise product and a row sum.
+
+    Not ``torch.matmul``: a batch of one goes to a matrix-vector kernel and a larger
+    batch to another, which round differently (n ≥ 24 on a CPU), so a matrix's
+    product would depend on how many others share its batch. A row sum is reduced
+    in the same order whatever the batch.
+    """
+    return (a * v.unsqueeze(-2)).sum(-1)
 
 
 def max_eigenvalue(a: Tensor, iters: int = 16) -> Tensor:
@@ -79,15 +158,16 @@ def max_eigenvalue(a: Tensor, iters: int = 16) -> Tensor:
 
     The estimate is a Rayleigh quotient, so it never exceeds λ_max; it is
     raised to the largest diagonal entry, which bounds λ_max from below too, so a
-    start vector orthogonal to the top eigenvector cannot return 0.
+    start vector orthogonal to the top eigenvector cannot return 0. Each matrix's
+    estimate is the same whatever else is in the batch (see :func:`_matvec`).
     """
     n = a.shape[-1]
     v = torch.linspace(1.0, 2.0, n, dtype=a.dtype, device=a.device)
-    v = (v / v.norm()).expand(*a.shape[:-1]).unsqueeze(-1)
+    v = (v / v.norm()).expand(*a.shape[:-1])
     for _ in range(iters):
-        w = a @ v
-        v = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-    rayleigh = (v.transpose(-1, -2) @ a @ v)[..., 0, 0]
+        w = _matvec(a, v)
+        v = w / w.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    rayleigh = (v * _matvec(a, v)).sum(-1)
     return torch.maximum(rayleigh, a.diagonal(dim1=-2, dim2=-1).amax(-1))
 
 
@@ -127,15 +207,15 @@ def probe_residual(root: Tensor, a_v: Tensor, v: Tensor, p: int) -> Tensor:
     return (r - v).abs().amax((-2, -1))
 
 
-def eigh_inverse_root(a_damped: Tensor, p: float, eps: Tensor) -> Tensor:
+def eigh_inverse_root(a_damped: Tensor, p: int, eps: Tensor) -> Tensor:
     """``A_d^(-1/p)`` by eigendecomposition, eigenvalues floored at ``eps`` (``[...]``)."""
     return _eigh_root(a_damped, p, eps)[0]
 
 
-def _eigh_root(a_damped: Tensor, p: float, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _eigh_root(a_damped: Tensor, p: int, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     lam, q = torch.linalg.eigh(a_damped)
     lam = torch.maximum(lam, eps.unsqueeze(-1))
-    return (q * lam.pow(-1.0 / p).unsqueeze(-2)) @ q.transpose(-1, -2), lam, q
+    return (q * root_power(lam, p).unsqueeze(-2)) @ q.transpose(-1, -2), lam, q
 
 
 def coupled_newton_inverse_root(a_damped: Tensor, p: int, max_iters: int = 100, tol: float = 1e-6) -> Tensor:
@@ -147,10 +227,11 @@ def coupled_newton_inverse_root(a_damped: Tensor, p: int, max_iters: int = 100, 
     is kept). Each matrix of the batch stops on its own.
     """
     eye = _eye_like(a_damped)
-    z = (1 + p) / (2 * torch.linalg.matrix_norm(a_damped)).clamp_min(torch.finfo(a_damped.dtype).tiny)
+    fro = (a_damped * a_damped).sum(-1).sum(-1).sqrt()  # row sums: one order whatever the batch
+    z = (1 + p) / (2 * fro).clamp_min(torch.finfo(a_damped.dtype).tiny)
     z = z[..., None, None]
     m = z * a_damped
-    x = z.pow(1.0 / p) * eye
+    x = root_power(z, p, 1) * eye
     err = (m - eye).abs().amax((-2, -1))
     active = err > tol
     for _ in range(max_iters):
@@ -168,13 +249,43 @@ def coupled_newton_inverse_root(a_damped: Tensor, p: int, max_iters: int = 100, 
     return x
 
 
+ALIGN = 4  # matrices are padded to a multiple of this size for the batched kernels (see _one_attempt)
+
+
+def _pad(a: Tensor, fill: Tensor) -> Tensor:
+    """``[B, n, n] → [B, n', n']`` with n' the next multiple of :data:`ALIGN`:
+    ``a`` in the top-left block, ``fill`` ``[B]`` on the new diagonal, zeros elsewhere."""
+    n = a.shape[-1]
+    m = -(-n // ALIGN) * ALIGN
+    if m == n:
+        return a
+    out = a.new_zeros(a.shape[0], m, m)
+    out[:, :n, :n] = a
+    d = torch.arange(n, m, device=a.device)
+    out[:, d, d] = fill.unsqueeze(-1)
+    return out
+
+
 def _one_attempt(
     a: Tensor, p: int, eps: float, relative: bool, method: RootMethod, max_iters: int, tol: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One stage for a batch ``[B, n, n]``; every matrix's results are the same whatever the batch.
+
+    The matrices go through ``eigh`` and the matrix products padded to a multiple of
+    :data:`ALIGN` (a block ``(λ_max+ε_eff)·I`` beside ``A_d``, the probes zero on it):
+    in a batch, matrix i starts i·n'² elements in, and with n' a multiple of 4 that
+    is a multiple of 64 bytes, where a matrix alone starts too. MKL's ``eigh`` and
+    float64 products round differently at other alignments (measured: float32 n = 17,
+    three offsets in four give other eigenvectors). The block is decoupled exactly
+    (its rows and columns of ``A_d`` are zero), so the top-left block of the root is
+    the root of ``A_d``.
+    """
+    n = a.shape[-1]
     lam_max = max_eigenvalue(a)
     eps_eff = eps * lam_max if relative else torch.full_like(lam_max, eps)
-    a_damped = a + eps_eff[..., None, None] * _eye_like(a)
+    a_damped = _pad(a + eps_eff[..., None, None] * _eye_like(a), lam_max + eps_eff)
     v = _probes(a)
+    v = torch.cat([v, v.new_zeros(a_damped.shape[-1] - n, v.shape[-1])])
     if method is RootMethod.NEWTON:
         root = coupled_newton_inverse_root(a_damped, p, max_iters=max_iters, tol=tol)
         a_v = a_damped @ v
@@ -185,9 +296,11 @@ def _one_attempt(
             # eigenvalues floored at ε_eff (the regularisation ε is there for)
             a_v = q @ (lam.unsqueeze(-1) * (q.transpose(-1, -2) @ v))
         except torch.linalg.LinAlgError:  # did not converge: report every matrix as failed
-            root = torch.full_like(a, float("nan"))
+            root = torch.full_like(a_damped, float("nan"))
             a_v = torch.full_like(a_damped @ v, float("nan"))
     residual = probe_residual(root, a_v, v, p)
+    if root.shape[-1] != n:
+        root = root[..., :n, :n].contiguous()
     return root, residual, eps_eff, lam_max
 
 
