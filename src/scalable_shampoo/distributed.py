@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from typing import Any
 
 import torch
@@ -90,7 +91,8 @@ class Sharding:
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.communication_dtype = communication_dtype
-        self.bytes_received = 0  # by this rank, for the benchmark
+        self.bytes_received = 0  # by this rank, and the seconds spent in the exchange (for the benchmark)
+        self.exchange_s = self.exchange_cpu_s = 0.0
 
     def wire(self, d: Tensor) -> Tensor:
         """A direction as it travels (and as its owner must use it too)."""
@@ -111,10 +113,13 @@ class Sharding:
         if parts:
             torch.cat(parts, out=send[: sizes[self.rank]])
         recv = [torch.empty_like(send) for _ in range(self.world)]
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             dist.all_gather(recv, send, group=self.group)
         except Exception as e:  # a dead peer: connection closed, or the group's timeout
             raise ExchangeError(f"sharing updates at step {step} failed on rank {self.rank}: {e}") from e
+        self.exchange_s += time.perf_counter() - start
+        self.exchange_cpu_s += time.process_time() - cpu
         self.bytes_received += (self.world - 1) * send.numel()
         out, cursor, own = [], [0] * self.world, iter(mine)
         for (shape, dtype), n, o in zip(shapes, nbytes, owners):
