@@ -397,3 +397,35 @@ def test_bf16_communication_halves_the_bytes_and_keeps_the_ranks_identical(tmp_p
     assert not all(torch.equal(a, b) for a, b in zip(r0["bf16"][0], ref.parameters()))  # rounded updates
     for a, b in zip(r0["bf16"][0], ref.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+
+
+def test_two_torchrun_nodes_of_two_processes_equal_one_process_bitwise(tmp_path):
+    """The README's multi-node command, as written, with two agents on this machine as two nodes."""
+    import socket
+    import subprocess
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import multinode_worker as w
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+           os.path.join(os.path.dirname(__file__), "multinode_worker.py"), str(out)]  # fmt: skip
+    env = {**os.environ, "TORCH_GLOO_LAZY_INIT": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    got = torch.load(out, weights_only=True)
+    assert got["world"] == 4 and got["nodes"] == 2 and got["owned"] == 6
+    ref = w.build()
+    ref_opt = Shampoo(ref.parameters(), lr=1e-2, precondition_frequency=3, start_preconditioning_step=2)
+    for step in range(w.STEPS):
+        w.grads(ref, step)
+        ref_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(got["params"], ref.parameters()))
