@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .blocks import BlockPlan, block_views
+from .blocks import BlockPlan
 from .grafting import grafted_direction
 from .kronecker import accumulate_statistics_
 from .state import root_key, stat_key
@@ -170,10 +170,10 @@ class Bucket:
             if m.tiled:  # one strided copy for all of the member's blocks
                 tiles, part = m.tiles(t, self.shape), stack[m.lo : m.lo + len(m.blocks)]
                 part.view(tiles.shape).copy_(tiles) if into_stack else tiles.copy_(part.view(tiles.shape))
-            else:
-                views = block_views(t, m.plan)
+            else:  # views of the member's blocks only (a bucket per block must not cut them all)
+                merged = t.view(m.plan.merged)
                 rows += [stack[row] for row in range(m.lo, m.lo + len(m.blocks))]
-                blocks += [views[b] for b in m.blocks]
+                blocks += [merged[m.plan.blocks[b].index] for b in m.blocks]
         if rows:
             torch._foreach_copy_(rows, blocks) if into_stack else torch._foreach_copy_(blocks, rows)
 
