@@ -5,7 +5,8 @@ dim, so every weight has two dim×dim statistics whose roots are expensive), tra
 for ``--steps`` steps with eigh roots every ``--freq`` steps. The variants run
 interleaved (A B C … A B C …) ``--repeats`` times; the table gives medians over
 repeats of: per-step wall time (median, mean, max, max/median), end-to-end time,
-the final loss, and how busy the machine was from other processes (/proc/stat).
+the final loss, and the share of the machine's CPU time that other processes used
+(``machine.CpuLoad``: /proc/stat, less this process and its root workers; steal not counted).
 
     python -m scalable_shampoo_bench.background_time            # ~5–8 minutes on 2 cores
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -27,22 +29,7 @@ import torch
 from scalable_shampoo import Shampoo
 from scalable_shampoo.background import BackgroundRoots, InlineRoots, RootScheduler
 
-CLK = os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine, from /proc/stat."""
-    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    idle = f[3] + f[4]
-    return (sum(f) - idle) / CLK, sum(f) / CLK
-
-
-def proc_cpu(pid: int) -> float:
-    try:
-        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / CLK
-    except OSError:
-        return 0.0
+from .machine import CpuLoad, process_cpu_s
 
 
 def make_scheduler(name: str, delay: int, staleness: int) -> RootScheduler:
@@ -70,8 +57,8 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     data = [torch.randn(args.batch, args.dim, generator=gen) for _ in range(8)]
     time.sleep(args.warmup)  # a worker process imports torch meanwhile, as a real run's data loading would
-    busy0, tot0 = machine_busy()
-    own0 = sum(os.times()[:2])
+    workers = [r.process.pid for r in getattr(sched, "_runners", [])]  # worker processes, if any
+    load, workers_cpu0 = CpuLoad(), sum(map(process_cpu_s, workers))
     step_times, opt_times = [], []
     t0 = time.perf_counter()
     loss = torch.tensor(0.0)
@@ -89,16 +76,14 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         step_times.append(te - ts)
         opt_times.append(te - to)
     total = time.perf_counter() - t0
-    worker_cpu = sum(proc_cpu(r.process.pid) for r in getattr(sched, "_runners", []))
-    own = sum(os.times()[:2]) - own0 + worker_cpu
-    busy1, tot1 = machine_busy()
+    other = load.stop(extra_own=sum(map(process_cpu_s, workers)) - workers_cpu0)["other_busy_fraction"]
     opt.close()
     med = statistics.median(step_times)
     return dict(
         variant=name, total_s=total, step_median_s=med, step_mean_s=statistics.fmean(step_times),
         step_max_s=max(step_times), max_over_median=max(step_times) / med,
         opt_median_s=statistics.median(opt_times), opt_max_s=max(opt_times), final_loss=float(loss.detach()),
-        other_cpu_frac=max(0.0, (busy1 - busy0) - own) / max(tot1 - tot0, 1e-9),
+        other_cpu_frac=math.nan if other is None else other,  # nan: no /proc/stat here
     )
 
 

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from scalable_shampoo import Shampoo
-from scalable_shampoo_bench.step_time import interleave, make_model, set_fixed_grads, summarize
+from scalable_shampoo_bench.step_time.models import make_model, set_fixed_grads
+from scalable_shampoo_bench.step_time.timing import interleave, summarize
 
 CONFIGS = [("linear4", 1024), ("linear4", 256), ("chargpt", 256), ("transformer", 256), ("resnet", 256),
            ("embedding", 256)]  # fmt: skip

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from scalable_shampoo import Shampoo
-from scalable_shampoo_bench.step_time import make_model
+from scalable_shampoo_bench.step_time.models import make_model
 
 FREQ, WARMUP, STEPS = 5, 2, 10
 

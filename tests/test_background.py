@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import train
 
 from scalable_shampoo import Shampoo
 from scalable_shampoo.background import (
@@ -84,17 +85,17 @@ def make(scheduler, seed: int = 0):
     return model, opt
 
 
-def train(model, opt, steps: int, first: int = 0) -> float:
-    loss = torch.tensor(0.0)
-    for i in range(first, first + steps):
-        g = torch.Generator().manual_seed(1000 + i)
-        x = torch.randn(32, 8, generator=g)
-        y = torch.sin(x[:, :4] * 2) + x[:, 4:] ** 2
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
+def regression_loss(model, i: int):
+    """The loss on batch ``i`` of a fixed regression task (its own seed per batch)."""
+    g = torch.Generator().manual_seed(1000 + i)
+    x = torch.randn(32, 8, generator=g)
+    y = torch.sin(x[:, :4] * 2) + x[:, 4:] ** 2
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def fit(model, opt, steps: int, first: int = 0) -> float:
+    """Steps ``first`` … ``first + steps - 1`` of the regression task; the last loss."""
+    return train(model, opt, range(first, first + steps), regression_loss)
 
 
 def evaluate(model) -> float:
@@ -135,7 +136,7 @@ def no_leaks():
 
 def reference(delay: int, steps: int):
     ref = make(InlineRoots(delay=delay))
-    train(*ref, steps)
+    fit(*ref, steps)
     return ref
 
 
@@ -143,17 +144,17 @@ def reference(delay: int, steps: int):
 def test_inline_delay_installs_roots_delay_steps_later():
     for delay in (0, 2):
         model, opt = make(InlineRoots(delay=delay))
-        train(model, opt, START + delay - 1)
+        fit(model, opt, START + delay - 1)
         assert not any(k.startswith("root.") for s in opt.state.values() for k in s)
-        train(model, opt, 1, START + delay - 1)
+        fit(model, opt, 1, START + delay - 1)
         w = model[0].weight
         assert float(opt.state[w]["root_info.0.0"][0]) == START  # the statistic of step START
 
 
 def test_inline_delay_zero_is_the_default():
     a, b = make(None), make(InlineRoots(0))
-    train(*a, 12)
-    train(*b, 12)
+    fit(*a, 12)
+    fit(*b, 12)
     assert_bitwise(a, b)
 
 
@@ -165,7 +166,7 @@ def test_deterministic_threads_bitwise_with_late_out_of_order_results(delay):
     sched = BackgroundRoots("deterministic", delay=delay, workers="thread", num_workers=2,
                             compute_fn=Sleepy(0.02, seed=delay))
     bg = make(sched)
-    train(*bg, steps)
+    fit(*bg, steps)
     sched.close()
     assert_bitwise(ref, bg)
 
@@ -177,7 +178,7 @@ def test_deterministic_process_bitwise_and_inline_fallback_with_warning():
                             compute_fn=FailAt(START + FREQ))
     bg = make(sched)
     with pytest.warns(RuntimeWarning, match=r"\(0, 0, 0\).*ValueError: injected failure"):
-        train(*bg, steps)
+        fit(*bg, steps)
     bg[1].close()
     assert_bitwise(ref, bg)
 
@@ -186,7 +187,7 @@ def test_thread_inline_fallback_is_bitwise():
     ref = reference(3, 20)
     bg = make(BackgroundRoots(delay=3, workers="thread", on_error="inline", compute_fn=FailAt(START)))
     with pytest.warns(RuntimeWarning, match="computing these roots inline"):
-        train(*bg, 20)
+        fit(*bg, 20)
     bg[1].close()
     assert_bitwise(ref, bg)
 
@@ -196,11 +197,11 @@ def test_latency_trains_like_inline_and_respects_the_staleness_bound():
     steps, bound = 30, 4
     ref = make(InlineRoots())
     initial = evaluate(ref[0])
-    train(*ref, steps)
+    fit(*ref, steps)
     model, opt = make(BackgroundRoots("latency", max_staleness=bound, workers="thread", compute_fn=Sleepy(0.05)))
     w = model[0].weight
     for i in range(steps):
-        train(model, opt, 1, i)
+        fit(model, opt, 1, i)
         step = opt.global_step
         due = [s for s in range(START, step + 1, FREQ) if s + bound <= step]
         if due:  # the newest job that is `bound` steps old has been installed
@@ -217,7 +218,7 @@ def test_latency_never_waits_for_a_slow_worker():
     # end after the timer frees it (no wall-clock bound, so a loaded machine cannot fail this)
     timer = threading.Timer(120, release.set)
     timer.start()
-    train(model, opt, 20)  # roots are due at 2, 5, …, none arrives
+    fit(model, opt, 20)  # roots are due at 2, 5, …, none arrives
     assert not release.is_set(), "a step waited for the hung root worker"
     timer.cancel()
     assert not any(k.startswith("root.") for s in opt.state.values() for k in s)
@@ -238,13 +239,13 @@ def test_checkpoint_while_pending_resumes_bitwise(mode):
         return BackgroundRoots("latency", max_staleness=delay, workers="thread", compute_fn=Sleepy(0.6, min_sleep=0.5))
 
     model, opt = make(sched())
-    train(model, opt, first)
+    fit(model, opt, first)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     assert opt.state_dict()["scalable_shampoo"]["scheduler"]["pending"], "nothing was pending"
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    train(model, opt, total - first, first)  # the uninterrupted run
+    fit(model, opt, total - first, first)  # the uninterrupted run
     opt.close()
 
     model2, opt2 = make(sched(), seed=1)
@@ -257,17 +258,17 @@ def test_checkpoint_while_pending_resumes_bitwise(mode):
         pending = [o for e in ckpt["opt"]["scalable_shampoo"]["scheduler"]["pending"] for o in e["outcomes"]]
         params = list(model2.parameters())
         assert pending and all(o["ok"] for o in pending)
-        train(model2, opt2, 1, first)
+        fit(model2, opt2, 1, first)
         for o in pending:
             (i, b, a), st = o["key"], opt2.state[params[o["key"][0]]]
             assert torch.equal(st[f"root.{b}.{a}"], o["root"]), o["key"]
             assert float(st[f"root_info.{b}.{a}"][5]) == o["step"]  # installed: the step it came from
         for i in range(first + 1, total):
-            train(model2, opt2, 1, i)
+            fit(model2, opt2, 1, i)
             rows = opt2.diagnostics()["blocks"]
             assert rows and all(r["has_root"] and r["staleness"] <= delay + FREQ for r in rows), rows
     else:
-        train(model2, opt2, total - first, first)
+        fit(model2, opt2, total - first, first)
     opt2.close()
     if mode == "deterministic":
         assert_bitwise((model, opt), (model2, opt2))
@@ -278,13 +279,13 @@ def test_checkpoint_while_pending_resumes_bitwise(mode):
 def test_checkpoint_moves_between_inline_and_background():
     delay, first, total = 2, START + 1, 15
     model, opt = make(InlineRoots(delay))
-    train(model, opt, first)
+    fit(model, opt, first)
     sd = opt.state_dict()
     assert sd["scalable_shampoo"]["scheduler"]["pending"]
     bg = make(BackgroundRoots(delay=delay, workers="thread"))
     bg[0].load_state_dict(model.state_dict())
     bg[1].load_state_dict(sd)
-    train(*bg, total - first, first)
+    fit(*bg, total - first, first)
     bg[1].close()
     assert_bitwise(reference(delay, total), bg)
 
@@ -292,14 +293,14 @@ def test_checkpoint_moves_between_inline_and_background():
 # ---------------------------------------------------------------------- faults
 def test_worker_exception_names_the_key_and_keeps_previous_roots():
     model, opt = make(BackgroundRoots(delay=1, workers="thread", compute_fn=FailAt(START + FREQ)))
-    train(model, opt, START + FREQ)
+    fit(model, opt, START + FREQ)
     w = model[0].weight
     before = opt.state[w]["root.0.0"].clone()
     with pytest.raises(RootWorkerError, match=r"\(0, 0, 0\).*ValueError: injected failure at step 5") as err:
-        train(model, opt, 1, START + FREQ)
+        fit(model, opt, 1, START + FREQ)
     assert isinstance(err.value.__cause__, ValueError)
     assert torch.equal(opt.state[w]["root.0.0"], before)
-    train(model, opt, 4, START + FREQ + 1)  # the scheduler keeps working after the error
+    fit(model, opt, 4, START + FREQ + 1)  # the scheduler keeps working after the error
     assert float(opt.state[w]["root_info.0.0"][0]) == START + 2 * FREQ
     opt.close()
 
@@ -310,7 +311,7 @@ def test_hung_thread_trips_the_staleness_bound():
                                       compute_fn=HangFrom(START + FREQ, release)))
     t0 = time.monotonic()
     with pytest.raises(RootTimeoutError, match=r"block key\(s\) \(0, 0, 0\).*submitted at step 5.*hung"):
-        train(model, opt, 20)
+        fit(model, opt, 20)
     assert opt.global_step == START + FREQ + 3 and time.monotonic() - t0 < 10
     release.set()
     opt.close()
@@ -319,7 +320,7 @@ def test_hung_thread_trips_the_staleness_bound():
 def test_hung_process_times_out_and_close_kills_it():
     model, opt = make(BackgroundRoots(delay=1, timeout=0.5, workers="process", compute_fn=HangFrom(START)))
     with pytest.raises(RootTimeoutError, match=r"\(0, 0, 0\)"):
-        train(model, opt, 10)
+        fit(model, opt, 10)
     pid = opt.scheduler._runners[0].process.pid
     t0 = time.monotonic()
     opt.close()
@@ -333,7 +334,7 @@ def test_timeout_falls_back_inline():
     model, opt = make(BackgroundRoots(delay=1, timeout=0.2, workers="thread", on_error="inline",
                                       compute_fn=HangFrom(START + FREQ, release)))
     with pytest.warns(RuntimeWarning, match="not done after"):
-        train(model, opt, 10)
+        fit(model, opt, 10)
     release.set()
     opt.close()
     assert float(opt.state[model[0].weight]["root_info.0.0"][0]) == 8
@@ -342,7 +343,7 @@ def test_timeout_falls_back_inline():
 # ---------------------------------------------------------------------- lifecycle
 def test_garbage_collection_stops_the_worker_threads():
     model, opt = make(BackgroundRoots(delay=1, workers="thread", num_workers=2))
-    train(model, opt, 8)
+    fit(model, opt, 8)
     assert len(root_threads()) == 2
     del model, opt
     gc.collect()
@@ -362,11 +363,12 @@ def test_closed_scheduler_refuses_to_run():
 
 def test_interpreter_exit_leaves_no_process_behind(tmp_path):
     script = (
+        "import sys; sys.path.insert(0, 'tests')  # where conftest is\n"
         "import torch, tests.test_background as t\n"
         "from scalable_shampoo.background import BackgroundRoots\n"
         "s = BackgroundRoots('latency', workers='process', compute_fn=t.HangFrom(0))\n"
         "m, o = t.make(s)\n"
-        "t.train(m, o, 3)\n"
+        "t.fit(m, o, 3)\n"
         "print(s._runners[0].process.pid, flush=True)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from conftest import make_params, run, step_on_random_grads
 
 from scalable_shampoo import Shampoo
 
@@ -26,26 +27,12 @@ MODELS = {
 }
 
 
-def make_params(shapes, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+def run_shampoo(shapes, batched, steps=10, dtype=torch.float64, groups=None, **kwargs):
+    def make(params):
+        spec = params if groups is None else [{"params": [params[i] for i in ix], **kw} for ix, kw in groups]
+        return Shampoo(spec, lr=0.01, batched=batched, **{**FAST, **kwargs})
 
-
-def train(params, opt, steps, seed=1, drop=None):
-    g = torch.Generator().manual_seed(seed)
-    for t in range(steps):
-        for i, p in enumerate(params):
-            grad = torch.randn(p.shape, generator=g).to(p.dtype)
-            p.grad = None if drop is not None and drop(t, i) else grad
-        opt.step()
-
-
-def run(shapes, batched, steps=10, dtype=torch.float64, groups=None, **kwargs):
-    params = make_params(shapes, dtype)
-    spec = params if groups is None else [{"params": [params[i] for i in ix], **kw} for ix, kw in groups]
-    opt = Shampoo(spec, lr=0.01, batched=batched, **{**FAST, **kwargs})
-    train(params, opt, steps)
-    return params, opt
+    return run(make, shapes, steps, dtype)
 
 
 def assert_close_state(a, b, **tol):
@@ -59,8 +46,8 @@ def assert_close_state(a, b, **tol):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_batched_matches_plain_in_float64(name):
     shapes, kwargs = MODELS[name]
-    plain_params, plain = run(shapes, False, **kwargs)
-    params, opt = run(shapes, True, **kwargs)
+    plain_params, plain = run_shampoo(shapes, False, **kwargs)
+    params, opt = run_shampoo(shapes, True, **kwargs)
     assert opt._buckets.buckets, "nothing was batched"
     for p, q in zip(params, plain_params):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
@@ -70,7 +57,7 @@ def test_batched_matches_plain_in_float64(name):
 
 def test_equal_blocks_of_all_parameters_share_one_bucket_and_state_holds_views():
     shapes = [(16, 16)] * 3
-    params, opt = run(shapes, True, block_size=4)
+    params, opt = run_shampoo(shapes, True, block_size=4)
     assert len(opt._buckets.buckets) == 1
     bucket = opt._buckets.buckets[0]
     assert bucket.rows == 48 and bucket.stats[0].shape == (48, 4, 4)
@@ -82,8 +69,8 @@ def test_equal_blocks_of_all_parameters_share_one_bucket_and_state_holds_views()
 def test_several_param_groups_with_different_hyperparameters():
     shapes = [(8, 8), (8, 8), (8, 8), (6,)]
     groups = [([0, 1], dict(block_size=4)), ([2, 3], dict(block_size=4, betas=(0.5, 0.9), grafting="adagrad"))]
-    plain_params, _ = run(shapes, False, groups=groups)
-    params, opt = run(shapes, True, groups=groups)
+    plain_params, _ = run_shampoo(shapes, False, groups=groups)
+    params, opt = run_shampoo(shapes, True, groups=groups)
     assert len(opt._buckets.buckets) == 2  # same block shape, different β: not stacked together
     for p, q in zip(params, plain_params):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
@@ -91,8 +78,8 @@ def test_several_param_groups_with_different_hyperparameters():
 
 def test_bf16_parameters_keep_fp32_stacks():
     shapes = [(16, 16), (16, 16), (16,)]
-    plain_params, _ = run(shapes, False, dtype=torch.bfloat16, block_size=8)
-    params, opt = run(shapes, True, dtype=torch.bfloat16, block_size=8)
+    plain_params, _ = run_shampoo(shapes, False, dtype=torch.bfloat16, block_size=8)
+    params, opt = run_shampoo(shapes, True, dtype=torch.bfloat16, block_size=8)
     assert opt._buckets.buckets[0].stats[0].dtype == torch.float32
     for p, q in zip(params, plain_params):
         assert p.dtype == torch.bfloat16
@@ -105,7 +92,7 @@ def test_parameters_without_gradients_on_some_steps():
     for batched in (False, True):
         params = make_params(shapes)
         opt = Shampoo(params, lr=0.01, block_size=4, batched=batched, **FAST)
-        train(params, opt, 10, drop=lambda t, i: (t + i) % 3 == 0)  # a different set every step
+        step_on_random_grads(params, opt, 10, drop=lambda t, i: (t + i) % 3 == 0)  # a different set every step
         out.append(params)
     for p, q in zip(*out):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
@@ -114,7 +101,7 @@ def test_parameters_without_gradients_on_some_steps():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_round_trip_continues_bit_for_bit(dtype):
     shapes, kwargs = [(16, 16), (16, 16), (12, 7), (16,)], dict(block_size=4, momentum=0.5)
-    params, opt = run(shapes, True, steps=7, dtype=dtype, **kwargs)
+    params, opt = run_shampoo(shapes, True, steps=7, dtype=dtype, **kwargs)
     buf = io.BytesIO()
     torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
     buf.seek(0)
@@ -123,8 +110,8 @@ def test_state_dict_round_trip_continues_bit_for_bit(dtype):
     opt2 = Shampoo(params2, lr=0.01, batched=True, **{**FAST, **kwargs})
     opt2.load_state_dict(ckpt["opt"])
     assert opt2.state[params2[0]]["stat.0.0"].dtype == torch.float32
-    train(params, opt, 6, seed=2)
-    train(params2, opt2, 6, seed=2)
+    step_on_random_grads(params, opt, 6, seed=2)
+    step_on_random_grads(params2, opt2, 6, seed=2)
     for p, q in zip(params, params2):
         assert torch.equal(p, q)
     for sa, sb in zip(opt.state.values(), opt2.state.values()):
@@ -134,7 +121,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(dtype):
 
 
 def test_a_checkpoint_stores_each_stack_once():
-    params, opt = run([(32, 32)] * 4, True, block_size=4)
+    params, opt = run_shampoo([(32, 32)] * 4, True, block_size=4)
     stacks = sum(t.nbytes for b in opt._buckets.buckets for t in (*b.stats.values(), *b.roots.values()))
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
@@ -146,9 +133,9 @@ def test_add_param_group_mid_run():
     for batched in (False, True):
         params = make_params([(8, 8), (8, 8), (6, 8), (8, 8)])
         opt = Shampoo(params[:2], lr=0.01, block_size=4, batched=batched, **FAST)
-        train(params[:2], opt, 4)
+        step_on_random_grads(params[:2], opt, 4)
         opt.add_param_group({"params": params[2:], "betas": (0.8, 0.99)})
-        train(params, opt, 6, seed=3)
+        step_on_random_grads(params, opt, 6, seed=3)
         out.append((params, opt))
     for p, q in zip(out[0][0], out[1][0]):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
@@ -161,11 +148,11 @@ def test_rejected_roots_keep_the_previous_ones():
         params = make_params([(8, 8), (8, 8)])
         opt = Shampoo(params, lr=0.01, block_size=4, batched=batched, precondition_frequency=2,
                       start_preconditioning_step=1)  # fmt: skip
-        train(params, opt, 1)
+        step_on_random_grads(params, opt, 1)
         first = opt.state[params[1]]["root.3.1"].clone()
         opt.param_groups[0]["max_root_residual"] = 1e-300
         opt.param_groups[0]["root_retries"] = 0
-        train(params, opt, 4, seed=2)
+        step_on_random_grads(params, opt, 4, seed=2)
         assert torch.equal(opt.state[params[1]]["root.3.1"], first)
         assert float(opt.state[params[1]]["root_info.3.1"][4]) == 2  # rejected at steps 3 and 5
         out.append(params)
@@ -182,7 +169,7 @@ def test_blocks_whose_first_roots_are_rejected_get_the_grafting_update(grafting)
         params = make_params([(8, 8), (8, 8)])
         groups = [{"params": [params[0]]}, {"params": [params[1]], "max_root_residual": 1e-300, "root_retries": 0}]
         opt = Shampoo(groups, lr=0.01, block_size=4, batched=batched, **FAST, **grafting)
-        train(params, opt, 6)
+        step_on_random_grads(params, opt, 6)
         assert "root.0.0" in opt.state[params[0]] and "root.0.0" not in opt.state[params[1]]
         out.append(params)
     for p, q in zip(*out):

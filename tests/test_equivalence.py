@@ -2,31 +2,14 @@
 
 import pytest
 import torch
+from conftest import run
 
 from scalable_shampoo import Shampoo
 
 NEVER = 10**9  # start_preconditioning_step that is never reached
 
 
-def make_params(dtype=torch.float64):
-    g = torch.Generator().manual_seed(0)
-    shapes = [(6, 5), (5,), (2, 3, 4), ()]
-    return [torch.randn(s, dtype=dtype, generator=g).requires_grad_() for s in shapes]
-
-
-def grads_for(params, steps, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(p.shape, dtype=p.dtype, generator=g) for p in params] for _ in range(steps)]
-
-
-def run(opt_factory, steps=12, dtype=torch.float64):
-    params = make_params(dtype)
-    opt = opt_factory(params)
-    for grads in grads_for(params, steps):
-        for p, gr in zip(params, grads):
-            p.grad = gr.clone()
-        opt.step()
-    return [p.detach() for p in params]
+SHAPES = [(6, 5), (5,), (2, 3, 4), ()]
 
 
 CASES = {
@@ -65,8 +48,8 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_without_roots_shampoo_is_the_grafted_method(name, dtype):
     torch_factory, kwargs = CASES[name]
-    expected = run(torch_factory, dtype=dtype)
-    got = run(lambda ps: Shampoo(ps, start_preconditioning_step=NEVER, **kwargs), dtype=dtype)
+    expected, _ = run(torch_factory, SHAPES, steps=12, dtype=dtype)
+    got, _ = run(lambda ps: Shampoo(ps, start_preconditioning_step=NEVER, **kwargs), SHAPES, steps=12, dtype=dtype)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, **tol)
@@ -74,12 +57,14 @@ def test_without_roots_shampoo_is_the_grafted_method(name, dtype):
 
 def test_rejected_roots_leave_the_grafted_method():
     # Every root is rejected (impossible residual bound, no retries): Shampoo is AdamW.
-    expected = run(lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1))
-    got = run(
+    expected, _ = run(lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1), SHAPES, steps=12)
+    got, _ = run(
         lambda ps: Shampoo(
             ps, lr=0.01, weight_decay=0.1, precondition_frequency=2, start_preconditioning_step=2,
             max_root_residual=1e-300, root_retries=0,
-        )
+        ),
+        SHAPES,
+        steps=12,
     )
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

@@ -3,6 +3,7 @@ import io
 
 import pytest
 import torch
+from conftest import train
 from torch import nn
 
 from scalable_shampoo import FORMAT_VERSION, Shampoo, inverse_root
@@ -20,11 +21,9 @@ def batches(n, seed=1, dtype=torch.float32):
     return [(torch.randn(16, 6, generator=g).to(dtype), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
 
 
-def train(model, opt, data):
-    for x, y in data:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x).float(), y).backward()
-        opt.step()
+def classify(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x).float(), y)
 
 
 def all_state(opt):
@@ -101,7 +100,7 @@ def test_complex_parameters_and_sparse_gradients_are_refused():
 def test_nonfinite_gradient_skips_the_step_and_changes_nothing(bad):
     model = tiny_model()
     opt = Shampoo(model.parameters(), lr=0.01, **FAST)
-    train(model, opt, batches(4))  # statistics and roots exist
+    train(model, opt, batches(4), classify)  # statistics and roots exist
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
     opt.zero_grad()
@@ -134,7 +133,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(dtype):
     data = batches(16, dtype=dtype)
     model = tiny_model(dtype)
     opt = Shampoo(model.parameters(), lr=0.01, momentum=0.5, **FAST)
-    train(model, opt, data[:7])
+    train(model, opt, data[:7], classify)
 
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
@@ -150,8 +149,8 @@ def test_state_dict_round_trip_continues_bit_for_bit(dtype):
     assert opt2.state[model2[0].weight]["step"].device.type == "cpu"
     assert_same_state(opt, opt2)
     assert opt2.global_step == 7
-    train(model, opt, data[7:])
-    train(model2, opt2, data[7:])
+    train(model, opt, data[7:], classify)
+    train(model2, opt2, data[7:], classify)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
     assert_same_state(opt, opt2)
@@ -160,7 +159,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(dtype):
 def test_state_dict_carries_format_version_and_refuses_others():
     model = tiny_model()
     opt = Shampoo(model.parameters(), **FAST)
-    train(model, opt, batches(3))
+    train(model, opt, batches(3), classify)
     sd = opt.state_dict()
     assert sd["scalable_shampoo"]["format_version"] == FORMAT_VERSION
     bad = copy.deepcopy(sd)
@@ -175,10 +174,10 @@ def test_state_dict_carries_format_version_and_refuses_others():
 def test_state_dict_from_another_model_is_refused_and_changes_nothing():
     model = tiny_model()
     opt = Shampoo(model.parameters(), **FAST)
-    train(model, opt, batches(3))
+    train(model, opt, batches(3), classify)
     other = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
     opt_other = Shampoo(other.parameters(), **FAST)
-    train(other, opt_other, batches(2))
+    train(other, opt_other, batches(2), classify)
     before = copy.deepcopy(opt_other.state_dict())
     with pytest.raises(ValueError, match="does not fit parameter 0 of shape"):
         opt_other.load_state_dict(opt.state_dict())

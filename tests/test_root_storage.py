@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from conftest import train
 from torch import nn
 
 from scalable_shampoo import Shampoo
@@ -16,13 +17,11 @@ def _model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(24, 48), nn.Tanh(), nn.Linear(48, 8))
 
 
-def _train(model: nn.Module, opt: Shampoo, steps: int, first: int = 0) -> None:
+def _train(model: nn.Module, opt: Shampoo, steps: int, first: int = 0, dtype: torch.dtype = torch.float32) -> None:
+    """Steps ``first`` … ``first + steps - 1`` on one fixed batch, the loss scaled by ``1 + t/10`` at step ``t``."""
     gen = torch.Generator().manual_seed(5)
-    x, y = torch.randn(64, 24, generator=gen), torch.randn(64, 8, generator=gen)
-    for t in range(first, first + steps):
-        opt.zero_grad()
-        ((model(x) - y).pow(2).mean() * (1 + 0.1 * t)).backward()
-        opt.step()
+    x, y = torch.randn(64, 24, generator=gen).to(dtype), torch.randn(64, 8, generator=gen).to(dtype)
+    train(model, opt, range(first, first + steps), lambda m, t: (m(x) - y).pow(2).mean() * (1 + 0.1 * t))
 
 
 def _opt(model: nn.Module, **kw: object) -> Shampoo:
@@ -66,23 +65,14 @@ def test_bf16_roots_batched_matches_plain() -> None:
     a, b = _model().double(), _model().double()
     opt_a = _opt(a, batched=True, root_storage_dtype=torch.bfloat16, root_dtype=torch.float64)
     opt_b = _opt(b, batched=False, root_storage_dtype=torch.bfloat16, root_dtype=torch.float64)
-    _train_double(a, opt_a, 8)
-    _train_double(b, opt_b, 8)
+    _train(a, opt_a, 8, dtype=torch.float64)
+    _train(b, opt_b, 8, dtype=torch.float64)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
     for sa, sb in zip(opt_a.state.values(), opt_b.state.values()):
         for k, v in sa.items():
             if k.startswith("root."):
                 assert v.dtype == sb[k].dtype == torch.bfloat16 and torch.equal(v, sb[k])
-
-
-def _train_double(model: nn.Module, opt: Shampoo, steps: int) -> None:
-    gen = torch.Generator().manual_seed(5)
-    x, y = torch.randn(64, 24, generator=gen).double(), torch.randn(64, 8, generator=gen).double()
-    for t in range(steps):
-        opt.zero_grad()
-        ((model(x) - y).pow(2).mean() * (1 + 0.1 * t)).backward()
-        opt.step()
 
 
 def test_bf16_roots_survive_a_checkpoint_and_resume_bitwise() -> None:
