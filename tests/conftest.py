@@ -6,10 +6,20 @@ Plain functions, imported as ``from conftest import …`` (pytest puts this fold
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import pytest
 import torch
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test: with tiny matrices it is several times faster on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_params(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype = torch.float64, seed: int = 0):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,7 @@ import torch
 from scalable_shampoo import FORMAT_VERSION, Shampoo
 from scalable_shampoo.state import FORMATS, TOP_KEY
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: one torch thread is several times faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.one_thread
 
 
 HERE = Path(__file__).parent / "checkpoints"

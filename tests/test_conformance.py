@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,14 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from scalable_shampoo import Shampoo
 from scalable_shampoo.state import TOP_KEY
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: one torch thread is several times faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.one_thread
 
 
 ACTIVE = dict(block_size=4, start_preconditioning_step=1, precondition_frequency=2)
