@@ -113,7 +113,11 @@ def test_todays_code_still_writes_its_frozen_file() -> None:
         for k, v in fresh["state"][pid].items():
             if torch.is_tensor(v):
                 assert v.dtype == old["state"][pid][k].dtype, k
-                torch.testing.assert_close(v, old["state"][pid][k], rtol=1e-4, atol=1e-6, msg=k)
+                w = old["state"][pid][k]
+                if k.startswith("root_info."):  # the residual (field 1) measures rounding itself: only its size
+                    assert v[1] < 1e-4 and w[1] < 1e-4, k
+                    v, w = v[torch.arange(6) != 1], w[torch.arange(6) != 1]
+                torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-6, msg=k)
             else:
                 assert v == old["state"][pid][k], k
     for p, q in zip(params, frozen["params"]):
