@@ -361,7 +361,7 @@ BAD_ARGUMENTS: list[tuple[str, Any]] = [
     ("precondition_frequency", 0), ("start_preconditioning_step", -1), ("matrix_eps", 0.0),
     ("matrix_eps_relative", "no"), ("root_method", "cholesky"), ("root_dtype", torch.float16),
     ("root_storage_dtype", torch.int8), ("max_root_residual", 0), ("root_retries", -1), ("nonfinite_grad", "ignore"),
-    ("scheduler", "inline"), ("batched", 1), ("compile_elementwise", "yes"),
+    ("scheduler", "inline"), ("batched", 1), ("compile_elementwise", "yes"), ("communication_dtype", torch.int8),
 ]  # fmt: skip
 
 
@@ -394,9 +394,9 @@ def test_params_errors_as_torch_optim() -> None:
         Shampoo(None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="optimizer got an empty parameter list"):
         Shampoo([])
-    with pytest.warns(UserWarning, match="duplicate parameters"):
-        Shampoo([w, w])
-    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+    with pytest.raises(ValueError, match="already in this group"):  # torch only warns; listed twice, w would
+        Shampoo([w, w])  # be stepped twice, so Shampoo refuses it
+    with pytest.raises(ValueError, match="is already in param group 0"):  # torch's error, naming the places
         Shampoo([{"params": [w]}, {"params": [w]}])
     with pytest.raises(ValueError, match="all optimizer params should be with/without names"):
         Shampoo([("w", w), nn.Parameter(torch.randn(2))])  # type: ignore[list-item]

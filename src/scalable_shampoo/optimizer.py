@@ -195,6 +195,9 @@ class Shampoo(torch.optim.Optimizer):
         self._validate({**defaults, "params": []})
         _require(isinstance(batched, bool), "batched", batched, "True or False")
         _require(isinstance(compile_elementwise, bool), "compile_elementwise", compile_elementwise, "True or False")
+        cd = communication_dtype
+        _require(cd in (None, torch.float32, torch.float64, torch.bfloat16, torch.float16), "communication_dtype", cd,
+                 "None or a floating-point torch.dtype")  # fmt: skip
         is_scheduler = scheduler is None or all(callable(getattr(scheduler, m, None)) for m in _SCHEDULER_METHODS)
         _require(is_scheduler, "scheduler", scheduler, f"None or a root scheduler ({', '.join(_SCHEDULER_METHODS)})")
         self.nonfinite_grad = NonFiniteGrad(_enum_value(NonFiniteGrad, "nonfinite_grad", nonfinite_grad))
