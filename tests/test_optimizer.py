@@ -165,7 +165,7 @@ def test_state_dict_carries_format_version_and_refuses_others():
     assert sd["scalable_shampoo"]["format_version"] == FORMAT_VERSION
     bad = copy.deepcopy(sd)
     bad["scalable_shampoo"]["format_version"] = 99
-    with pytest.raises(ValueError, match="format_version must be 1, got 99"):
+    with pytest.raises(ValueError, match="format_version must be 1 or 2, got 99"):
         Shampoo(model.parameters()).load_state_dict(bad)
     adam = torch.optim.Adam(model.parameters()).state_dict()
     with pytest.raises(ValueError, match="not saved by scalable_shampoo.Shampoo"):

@@ -21,7 +21,7 @@ with batched matmuls (``buckets.py``, the default).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -31,11 +31,12 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
-from .blocks import BlockPlan, block_views, make_plan
+from .blocks import BlockPlan, block_views, make_plan, normalize_axes
 from .buckets import Buckets
 from .distributed import DistributedRoots
 from .fused import compiled_graft, compiled_update
 from .grafting import GraftingType, graft_directions
+from .groups import PlanTable, plan_table
 from .kronecker import axis_statistic, precondition
 from .matrix_roots import RootMethod
 from .state import StateCodec, diagnostics, memory
@@ -97,8 +98,13 @@ class Shampoo(torch.optim.Optimizer):
         grafting_beta2: β₂ of the RMSprop/Adam grafting accumulator (default: ``betas[1]``).
         block_size: blocks are at most this long along every preconditioned axis.
         max_preconditioner_dim: an axis longer than this keeps no statistic (one-sided).
-        merge_dims_bound: adjacent dims are merged while their product stays ≤ this
-            (default: ``block_size``).
+        merge_dims_bound: the dims after the leading one are merged from the right while
+            their product stays ≤ this (default: ``block_size``): fan-in grouping, so a
+            conv kernel ``[out, in, kh, kw]`` is preconditioned as ``[out, in·kh·kw]``.
+        precondition_axes: the dims of each parameter that may keep a statistic, e.g.
+            ``(1,)`` or ``(-1,)`` for an embedding table's d side (negative dims count
+            from the end); the others get the grafted diagonal. ``None`` (default): all.
+            Usually set per param group (see :func:`~scalable_shampoo.param_groups_for`).
         precondition_1d: precondition vectors with a full d×d statistic.
         exponent_override: use ``L^(-1/p)`` with this p for every factor (default 2k).
         precondition_frequency: recompute roots every this many steps.
@@ -149,6 +155,7 @@ class Shampoo(torch.optim.Optimizer):
         block_size: int = 1024,
         max_preconditioner_dim: int = 4096,
         merge_dims_bound: int | None = None,
+        precondition_axes: Sequence[int] | None = None,
         precondition_1d: bool = False,
         exponent_override: int | None = None,
         precondition_frequency: int = 20,
@@ -179,6 +186,7 @@ class Shampoo(torch.optim.Optimizer):
             block_size=block_size,
             max_preconditioner_dim=max_preconditioner_dim,
             merge_dims_bound=merge_dims_bound,
+            precondition_axes=precondition_axes,
             precondition_1d=precondition_1d,
             exponent_override=exponent_override,
             precondition_frequency=precondition_frequency,
@@ -243,6 +251,23 @@ class Shampoo(torch.optim.Optimizer):
             _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "an integer ≥ 1")
         mdb = g["merge_dims_bound"]
         _require(mdb is None or (isinstance(mdb, int) and mdb >= 1), "merge_dims_bound", mdb, "None or an integer ≥ 1")
+        pa = g.get("precondition_axes")
+        ints = isinstance(pa, (tuple, list)) and all(isinstance(a, int) and not isinstance(a, bool) for a in pa)
+        _require(pa is None or ints, "precondition_axes", pa, "None or a sequence of ints (dims of the parameter)")
+        if pa is not None:
+            g["precondition_axes"] = tuple(pa)
+            _require(len(set(pa)) == len(pa), "precondition_axes", pa, "dims without repeats")
+            for i, p in enumerate(g["params"]):
+                try:
+                    dims = normalize_axes(tuple(pa), p.dim())
+                except IndexError:
+                    dims = None
+                if dims is None or len(dims) != len(pa):
+                    raise ValueError(
+                        f"precondition_axes={tuple(pa)} does not fit parameter {i} of its group, "
+                        f"of shape {tuple(p.shape)}: each dim must be in [-{p.dim()}, {p.dim()}) "
+                        "and name a different dim"
+                    )
         eo = g["exponent_override"]
         _require(eo is None or (isinstance(eo, int) and eo >= 1), "exponent_override", eo, "None or an integer ≥ 1")
         me = g["matrix_eps"]
@@ -268,6 +293,7 @@ class Shampoo(torch.optim.Optimizer):
             group["max_preconditioner_dim"],
             bound,
             group["precondition_1d"],
+            normalize_axes(group.get("precondition_axes"), p.dim()),
         )
 
     @staticmethod
@@ -455,6 +481,12 @@ class Shampoo(torch.optim.Optimizer):
           produced the installed root (e.g. ``"eigh/fp32"``).
         """
         return diagnostics(self)
+
+    def plan_table(self, model: torch.nn.Module | None = None) -> PlanTable:
+        """What Shampoo chose for each parameter: merged shape, blocks, the dims of each
+        preconditioned axis, statistic sizes and their cost; ``print()`` it for a table,
+        or read its ``rows``. ``model`` names the parameters (else ``group.index``)."""
+        return plan_table(self, model)
 
     def memory(self) -> dict[str, int]:
         """Bytes of optimizer state by kind (statistics, roots, first_moment, grafting,

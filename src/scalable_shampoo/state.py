@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMAT_VERSION", "TOP_KEY", "StateCodec", "atomic_save", "diagnostics"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fan-in grouping (blocks.py); format 1 merged dims from the left
 TOP_KEY = "scalable_shampoo"
 
 
@@ -78,10 +78,9 @@ class StateCodec:
         meta = sd.get(TOP_KEY)
         if not isinstance(meta, dict):
             raise ValueError(f"state_dict has no {TOP_KEY!r} entry: it was not saved by scalable_shampoo.Shampoo")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"state_dict format_version must be {FORMAT_VERSION}, got {meta.get('format_version')!r}"
-            )
+        version = meta.get("format_version")
+        if version not in (1, FORMAT_VERSION):
+            raise ValueError(f"state_dict format_version must be 1 or {FORMAT_VERSION}, got {version!r}")
         saved_groups = sd["param_groups"]
         if len(saved_groups) != len(opt.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, opt.param_groups)
@@ -92,6 +91,8 @@ class StateCodec:
         for (pid, group), p in zip(saved, params):
             state = sd["state"].get(pid, {})
             plan = opt.plan(p, {**group, "params": [p]})
+            if version == 1 and state:
+                _check_format1_plan(pid, p, group, plan)
             expected = {f"stat.{b}.{a}": (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes}
             expected |= {k: tuple(p.shape) for k in ("exp_avg", "graft_acc", "momentum_buffer")}
             missing = [k for k in expected if k.startswith("stat.") and k not in state]
@@ -125,6 +126,25 @@ class StateCodec:
         opt.skipped_steps = int(meta["skipped_steps"])
         opt.scheduler.load_state_dict(meta["scheduler"])
 
+
+def _check_format1_plan(pid: Any, p: torch.Tensor, group: dict[str, Any], plan: Any) -> None:
+    """A format-1 checkpoint was saved under the left-merging rule. Its statistics load only
+    where that rule planned the parameter exactly as fan-in grouping does: equal shapes are
+    not enough ([8,8,8,8] under bound 512, block 8 is 64 blocks of 8×8 statistics under
+    both rules, but of different dims). Statistics of other dims can't be converted."""
+    from .blocks import make_plan
+
+    bound = group["merge_dims_bound"] or group["block_size"]
+    old = make_plan(tuple(p.shape), group["block_size"], group["max_preconditioner_dim"], bound,
+                    group["precondition_1d"], None, "left")  # fmt: skip
+    if old != plan:
+        raise ValueError(
+            f"state_dict has format_version 1, whose rule merged parameter {pid} of shape "
+            f"{tuple(p.shape)} into {old.merged}; fan-in grouping merges it into {plan.merged}"
+            f"{' (other dims)' if old.merged == plan.merged else ''}, so its statistics do not "
+            "apply and can't be converted. Resume without this optimizer state, or drop this "
+            "parameter's entry from state_dict['state'] to restart its statistics."
+        )
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
