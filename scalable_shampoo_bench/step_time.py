@@ -6,6 +6,8 @@ Models (``--models``; ``--quick`` shrinks every one to tiny sizes):
 - ``chargpt``: ``CharGPT(vocab=65, ctx=128, d=128, layers=4, heads=4)`` from ``scalable_shampoo_bench/models.py``;
 - ``transformer``: ``nn.TransformerEncoder``, d=512, 4 layers, 8 heads, feed-forward 2048;
 - ``resnet``: ``ResNet()`` from ``scalable_shampoo_bench/models.py`` (widths 16, 32, 64; 1×28×28 images);
+- ``cnn``: a ResNet for 3×32×32 images (CIFAR-sized): widths 32, 64, 128, two BasicBlocks
+  each, 0.69M parameters, almost all of them in 3×3 conv kernels;
 - ``embedding``: ``nn.Embedding(100_000, 64)``, the mean over each bag, then an MLP 64-256-1
   (the table's 100k axis is above ``max_preconditioner_dim``: it is preconditioned on its
   64-axis only, as one block).
@@ -90,7 +92,7 @@ except ImportError:  # pragma: no cover - not on Linux
 
 __all__ = ["main"]
 
-MODELS = ("linear4", "chargpt", "transformer", "resnet", "embedding")
+MODELS = ("linear4", "chargpt", "transformer", "resnet", "cnn", "embedding")
 ROOT_P = 4
 
 
@@ -264,6 +266,10 @@ def model_dims(name: str, quick: bool) -> dict[str, Any]:
         if quick:
             return {"widths": [4, 8], "classes": 3, "image": 8}
         return {"widths": [16, 32, 64], "classes": 10, "image": 28}
+    if name == "cnn":  # 3×32×32 images, as CIFAR-10
+        if quick:
+            return {"widths": [4, 8], "classes": 3, "image": 8, "channels": 3, "depth": 2}
+        return {"widths": [32, 64, 128], "classes": 10, "image": 32, "channels": 3, "depth": 2}
     if name == "embedding":  # quick: still more rows than max_preconditioner_dim (4096), so one-sided as in full
         if quick:
             return {"rows": 5000, "d": 8, "hidden": 16}
@@ -286,6 +292,8 @@ def make_model(name: str, quick: bool, device: torch.device, seed: int = 0) -> n
         model = nn.TransformerEncoder(layer, dims["layers"], enable_nested_tensor=False)
     elif name == "resnet":
         model = ResNet(tuple(dims["widths"]), classes=dims["classes"])
+    elif name == "cnn":
+        model = ResNet(tuple(dims["widths"]), classes=dims["classes"], in_channels=dims["channels"], depth=dims["depth"])
     else:
         model = EmbeddingMLP(dims["rows"], dims["d"], dims["hidden"])
     return model.to(device)
@@ -298,6 +306,7 @@ def e2e_shape(name: str, quick: bool, args: argparse.Namespace | None = None) ->
         "chargpt": {"batch": 2, "seq": 8} if quick else {"batch": 32, "seq": 128},
         "transformer": {"batch": 2, "seq": 8} if quick else {"batch": 8, "seq": 64},
         "resnet": {"batch": 4} if quick else {"batch": 128},
+        "cnn": {"batch": 4} if quick else {"batch": 128},
         "embedding": {"batch": 8, "bag": 4} if quick else {"batch": 256, "bag": 16},
     }[name]
     if args is not None:
@@ -328,8 +337,8 @@ def e2e_loss(
         tokens = torch.randint(dims["vocab"], (b, shape["seq"] + 1), generator=gen).to(device)
         idx, targets = tokens[:, :-1], tokens[:, 1:]
         return lambda model: F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
-    if name == "resnet":
-        x = torch.randn(b, 1, dims["image"], dims["image"], generator=gen).to(device)
+    if name in ("resnet", "cnn"):
+        x = torch.randn(b, dims.get("channels", 1), dims["image"], dims["image"], generator=gen).to(device)
         y = torch.randint(dims["classes"], (b,), generator=gen).to(device)
         return lambda model: F.cross_entropy(model(x), y)
     if name == "embedding":
