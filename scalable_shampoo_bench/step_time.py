@@ -75,6 +75,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from scalable_shampoo import Shampoo
+from scalable_shampoo.blocks import BlockPlan, make_plan
 from scalable_shampoo.matrix_roots import (
     coupled_newton_inverse_root,
     eigh_inverse_root,
@@ -362,13 +363,29 @@ def shampoo_options(args: argparse.Namespace) -> dict[str, Any]:
         out["compile_elementwise"] = True
     if getattr(args, "bf16_roots", False):
         out["root_storage_dtype"] = torch.bfloat16
+    if getattr(args, "format1_merge", False):
+        out["format1_merge"] = True
     return out
+
+
+class Format1MergeShampoo(Shampoo):
+    """Shampoo planned with format 1's merge rule (dims merged from the left), to time
+    what fan-in grouping changed; every stage of the step takes its plan from ``plan``."""
+
+    @staticmethod
+    def plan(p: Tensor, group: dict[str, Any]) -> BlockPlan:
+        bound = group["merge_dims_bound"] or group["block_size"]
+        return make_plan(
+            tuple(p.shape), group["block_size"], group["max_preconditioner_dim"], bound, group["precondition_1d"],
+            None, "left",
+        )  # fmt: skip
 
 
 def make_shampoo(
     model: nn.Module, block_size: int, frequency: int, start: int, batched: bool = True, **options: Any
 ) -> Shampoo:
-    return Shampoo(
+    cls = Format1MergeShampoo if options.pop("format1_merge", False) else Shampoo
+    return cls(
         model.parameters(),
         lr=1e-3,
         weight_decay=1e-2,
@@ -940,6 +957,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=None, help="steps per interleaved chunk (default 10)")
     p.add_argument("--compile-elementwise", action="store_true", help="Shampoo(compile_elementwise=True)")
     p.add_argument("--bf16-roots", action="store_true", help="Shampoo(root_storage_dtype=torch.bfloat16)")
+    p.add_argument(
+        "--format1-merge", action="store_true", help="plan Shampoo with the format-1 merge rule (from the left)"
+    )
     p.add_argument("--e2e-models", type=_names, default=None, help="end-to-end models (default: all)")
     p.add_argument(
         "--e2e-batch", type=int, default=None,
