@@ -294,7 +294,8 @@ def make_model(name: str, quick: bool, device: torch.device, seed: int = 0) -> n
     elif name == "resnet":
         model = ResNet(tuple(dims["widths"]), classes=dims["classes"])
     elif name == "cnn":
-        model = ResNet(tuple(dims["widths"]), classes=dims["classes"], in_channels=dims["channels"], depth=dims["depth"])
+        widths = tuple(dims["widths"])
+        model = ResNet(widths, classes=dims["classes"], in_channels=dims["channels"], depth=dims["depth"])
     else:
         model = EmbeddingMLP(dims["rows"], dims["d"], dims["hidden"])
     return model.to(device)
