@@ -26,6 +26,9 @@ them at its next step. The layout of a checkpoint does not depend on ``batched``
 
 The top-level entry ``"scalable_shampoo"`` holds ``format_version``,
 ``global_step``, ``skipped_steps`` and the scheduler's pending results.
+Format 2 plans parameters by fan-in grouping (``blocks.py``). A format-1 checkpoint
+(dims merged from the left) loads only where a parameter's plan is the same under
+both rules; any other parameter is refused by name (its statistics can't be converted).
 
 ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the
 parameter's dtype (pytorch#43706), which would truncate fp32 statistics under
