@@ -194,3 +194,37 @@ def test_plan_table_prints_what_was_chosen():
     table = Shampoo(model.parameters()).plan_table()
     assert table.rows[0]["name"] == "0.0"
     assert table.totals["statistics"] == 144**2 + 32**2 + 32**2 + 10**2
+
+
+def test_precondition_axes_round_trip_through_a_checkpoint(tmp_path):
+    """A helper-built optimizer saved with torch.save and loaded with weights_only=True continues
+    exactly as the uninterrupted one."""
+
+    def setup():
+        torch.manual_seed(0)
+        model = nn.ModuleDict(dict(emb=nn.Embedding(30, 6), conv=nn.Conv2d(2, 4, 3)))
+        opt = Shampoo(param_groups_for(model), lr=1e-2, start_preconditioning_step=2, precondition_frequency=2)
+        return model, opt
+
+    def step(model, opt, t):
+        g = torch.Generator().manual_seed(t)
+        opt.zero_grad()
+        x = torch.randn(2, 2, 5, 5, generator=g)
+        (model["emb"](torch.randint(30, (8,), generator=g)).sum() + model["conv"](x).square().sum()).backward()
+        opt.step()
+
+    model, opt = setup()
+    for t in range(5):
+        step(model, opt, t)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    for t in range(5, 9):
+        step(model, opt, t)
+    model2, opt2 = setup()
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_groups[1]["precondition_axes"] == (-1,)
+    for t in range(5, 9):
+        step(model2, opt2, t)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
