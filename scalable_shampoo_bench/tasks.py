@@ -6,6 +6,7 @@ weights, for the smoke tests; the code path is otherwise the one a full run take
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ class Problem:
     batches: Callable[[torch.Generator], Iterator[Batch]]
     loss: Callable[[nn.Module, Batch], Tensor]
     evaluate: Callable[[nn.Module], float]
+    secondary: Callable[[nn.Module], float] | None = None  # a second held-out metric (ctr: AUC)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class Task:
     weight_decay: float
     lrs: dict[str, float]  # each optimizer's default lr: the best of the lr grid in RESULTS.md (median of 3 seeds)
     optimizers: tuple[str, ...] = ("shampoo", "adamw")
+    embedding_groups: bool = False  # Shampoo's params from param_groups_for(model): tables one-sided
+    secondary_metric: str | None = None  # what ``Problem.secondary`` returns
 
 
 def epoch_batches(n: int, batch: int, gen: torch.Generator) -> Iterator[Tensor]:
@@ -164,7 +168,30 @@ def build_ctr(tiny: bool, device: torch.device) -> Problem:
         chunks = (rows(test[s]) for s in _chunks(len(test), 4096))
         return _mean_over(m, chunks, lambda m, b: (float(loss(m, b)) * len(b[2]), len(b[2])))
 
-    return Problem(model, batches, loss, evaluate)
+    @torch.no_grad()
+    def test_auc(m: nn.Module) -> float:
+        was = m.training
+        m.eval()
+        scores = torch.cat([m(b[0], b[1]) for b in (rows(test[s]) for s in _chunks(len(test), 4096))])
+        m.train(was)
+        return auc(scores, d.label[test].to(scores.device))
+
+    return Problem(model, batches, loss, evaluate, test_auc)
+
+
+def auc(scores: Tensor, labels: Tensor) -> float:
+    """ROC AUC: the probability that a random positive scores above a random negative (ties
+    count ½), by the rank-sum (Mann–Whitney) formula with tied scores given their mean rank."""
+    s = scores.detach().double().flatten().cpu()
+    y = labels.detach().flatten().cpu() > 0.5
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    uniq, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # 0-based rank of each distinct score's first element
+    mean_rank = first.double() + (counts.double() + 1) / 2  # 1-based mean rank of the ties
+    rank_sum = float(mean_rank[inverse][y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 # --------------------------------------------------------------------------- autoencoder
@@ -305,6 +332,22 @@ TASKS: dict[str, Task] = {
         eval_every=156,
         weight_decay=0.01,
         lrs={"shampoo": 3e-3, "adamw": 3e-3},
+        embedding_groups=True,
+        secondary_metric="test AUC",
+    ),
+    "ctr_onepass": Task(
+        "ctr_onepass",
+        "DLRM as ctr, one pass over the training data (each example seen once, as on Criteo)",
+        "test logloss",
+        False,
+        build_ctr,
+        _per_epoch(lambda t: len(_clicks(t, data.cache_key())[1]), lambda t: 64 if t else 256),
+        default_steps=312,
+        eval_every=26,
+        weight_decay=0.01,
+        lrs={"shampoo": 3e-3, "adamw": 3e-3},
+        embedding_groups=True,
+        secondary_metric="test AUC",
     ),
     "autoencoder": Task(
         "autoencoder",

@@ -25,6 +25,7 @@ class Point:
     seconds: float  # training time only: batches, forward, backward, optimizer step
     train_loss: float  # mean training loss over the steps since the previous point (nan at step 0)
     eval_metric: float
+    secondary: float = math.nan  # the task's second held-out metric, if it has one (ctr: AUC)
 
 
 def run(
@@ -51,13 +52,14 @@ def run(
     model = problem.model
     model.train()
     torch.manual_seed(seed)  # anything random during training (none of our models uses dropout)
-    opt = make_optimizer(optimizer, model, lr, task.weight_decay)
+    opt = make_optimizer(optimizer, model, lr, task.weight_decay, embedding_groups=task.embedding_groups)
     sched = schedule(opt, steps)
     batches = problem.batches(torch.Generator().manual_seed(seed))
     every = max(1, eval_every or task.eval_every)
 
     def point(step: int, seconds: float, train_loss: float) -> Point:
-        return Point(task.name, optimizer, lr, seed, step, seconds, train_loss, problem.evaluate(model))
+        second = problem.secondary(model) if problem.secondary is not None else math.nan
+        return Point(task.name, optimizer, lr, seed, step, seconds, train_loss, problem.evaluate(model), second)
 
     curve = [point(0, 0.0, math.nan)]
     seconds, loss_sum, loss_count = 0.0, 0.0, 0

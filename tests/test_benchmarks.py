@@ -106,13 +106,18 @@ def test_tiny_compare_writes_well_formed_results(task: str, tmp_path: Path, monk
 
     with (tmp_path / "runs.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["task", "optimizer", "lr", "seed", "step", "seconds", "train_loss", "eval_metric"]
+    fields = ["task", "optimizer", "lr", "seed", "step", "seconds", "train_loss", "eval_metric", "secondary"]
+    assert list(rows[0]) == fields
     opts = TASKS[task].optimizers
     runs = {(r["optimizer"], r["lr"], r["seed"]) for r in rows}
     assert len(runs) == (2 * len(opts) + len(opts) if task == "lm" else len(opts))
     assert sorted(int(r["step"]) for r in rows) == sorted([0, 2, 4] * len(runs))  # evaluations at 0, 2, 4
     for r in rows:
         assert r["task"] == task and math.isfinite(float(r["eval_metric"])) and float(r["seconds"]) >= 0
+        if TASKS[task].secondary_metric == "test AUC":  # the ctr tasks report AUC beside logloss
+            assert 0 <= float(r["secondary"]) <= 1
+        else:
+            assert math.isnan(float(r["secondary"]))
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     meta, s = summary["meta"], summary["tasks"][task]
@@ -223,3 +228,26 @@ def test_schedule_time_writes_the_ratio_and_one_build_each(tmp_path: Path) -> No
     med = d["median_step_s"]
     assert d["ratio_onecycle_over_constant"] == pytest.approx(med["onecycle"] / med["constant"])
     assert len(d["step_s"]["onecycle"]) == len(d["step_s"]["constant"]) == 12
+def test_auc_equals_the_pairwise_definition_with_ties() -> None:
+    from scalable_shampoo_bench.tasks import auc
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (40,), generator=g).double()  # many ties
+    labels = (torch.rand(40, generator=g) < 0.4).float()
+    pos, neg = scores[labels > 0.5], scores[labels < 0.5]
+    pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    assert abs(auc(scores, labels) - float(pairs.mean())) < 1e-12
+    assert auc(torch.arange(4.0), torch.tensor([0.0, 0.0, 1.0, 1.0])) == 1.0
+    assert math.isnan(auc(torch.arange(3.0), torch.zeros(3)))
+
+
+def test_ctr_shampoo_preconditions_tables_on_their_d_side_only() -> None:
+    from scalable_shampoo_bench.optimizers import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 8), torch.nn.Linear(8, 4))
+    helper = make_optimizer("shampoo", model, 1e-3, 0.0, embedding_groups=True)
+    full = make_optimizer("shampoo_full_tables", model, 1e-3, 0.0, embedding_groups=True)
+    rows = {r["name"]: r for r in helper.plan_table(model).rows}  # type: ignore[attr-defined]
+    assert rows["0.weight"]["preconditioned"] == [(1,)]
+    assert {r["name"]: r for r in full.plan_table(model).rows}["0.weight"]["preconditioned"] == [(0,), (1,)]  # type: ignore[attr-defined]
+    assert TASKS["ctr"].embedding_groups and TASKS["ctr_onepass"].embedding_groups

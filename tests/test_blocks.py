@@ -2,17 +2,30 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scalable_shampoo.blocks import block_views, make_plan, merge_small_dims
+from scalable_shampoo.blocks import block_views, make_plan, merge_groups, merge_small_dims
 
 
 def test_merge_small_dims_examples():
-    assert merge_small_dims((3, 3, 128, 128), 1024) == (9, 128, 128)
-    assert merge_small_dims((1, 2, 512, 1, 2048, 1, 3, 4), 1024) == (1024, 2048, 12)
-    assert merge_small_dims((1, 2, 512, 1, 2048, 1, 3, 4), 4096) == (1024, 2048, 12)
-    assert merge_small_dims((4, 5, 6), 10**6) == (4, 5, 6)  # never a matrix into a vector
+    # fan-in grouping: the leading dim alone, the rest merged from the right (size-1 dims dropped)
+    assert merge_small_dims((32, 32, 3, 3), 1024) == (32, 288)
+    assert merge_small_dims((256, 256, 3, 3), 1024) == (256, 256, 9)
+    assert merge_small_dims((1, 2, 512, 1, 2048, 1, 3, 4), 1024) == (2, 512, 2048, 12)
+    assert merge_small_dims((1, 2, 512, 1, 2048, 1, 3, 4), 4096) == (2, 512, 2048, 12)
+    assert merge_small_dims((4, 5, 6), 10**6) == (4, 30)  # never a matrix into a vector
     assert merge_small_dims((1, 7, 1), 4) == (7,)
     assert merge_small_dims((1, 1), 4) == ()
     assert merge_small_dims((), 4) == ()
+    assert merge_groups((8, 1, 3, 3), 1024) == ((0,), (2, 3))
+    assert merge_groups((8, 4, 3, 3), 1024, axes=(0, 1)) == ((0,), (1,), (2, 3))
+
+
+def test_format_1_rule_merged_from_the_left():
+    assert merge_small_dims((3, 3, 128, 128), 1024, rule="left") == (9, 128, 128)
+    assert merge_small_dims((32, 32, 3, 3), 1024, rule="left") == (1024, 9)
+    assert merge_small_dims((1, 2, 512, 1, 2048, 1, 3, 4), 1024, rule="left") == (1024, 2048, 12)
+    assert merge_small_dims((4, 5, 6), 10**6, rule="left") == (4, 5, 6)
+    assert merge_groups((8, 8, 8, 8), 512, rule="left") == ((0, 1, 2), (3,))
+    assert merge_groups((8, 8, 8, 8), 512) == ((0,), (1, 2, 3))
 
 
 def test_blocking_a_matrix():
@@ -65,3 +78,23 @@ def test_blocks_cover_every_element_exactly_once(shape, block, bound, max_dim, p
     assert bool((count == 1).all())
     for b in plan.blocks:
         assert all(b.shape[a] <= max(block, 1) and b.shape[a] > 1 for a in b.axes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=shapes, bound=st.integers(1, 64), mask=st.lists(st.booleans(), min_size=5, max_size=5), masked=st.booleans()
+)
+def test_fan_in_groups_cover_the_dims_in_order_within_the_bound(shape, bound, mask, masked):
+    axes = tuple(i for i in range(len(shape)) if mask[i]) if masked else None
+    groups = merge_groups(shape, bound, axes)
+    dims = [i for i, d in enumerate(shape) if d != 1]
+    assert [i for g in groups for i in g] == dims  # every dim above 1 once, in order
+    for g in groups:
+        assert all(shape[i] == 1 for i in range(g[0], g[-1] + 1) if i not in g)  # adjacent dims only
+        n = 1
+        for i in g:
+            n *= shape[i]
+        assert len(g) == 1 or n <= bound
+        assert axes is None or len({i in axes for i in g}) == 1  # listed dims never merged with unlisted
+    if len(dims) >= 2:
+        assert groups[0] == (dims[0],)  # the leading dim (out channels) is its own axis

@@ -28,7 +28,7 @@ def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
     assert meta["threads"] == 1 and meta["quick"] is True and meta["device"] == "cpu"
     assert meta["torch"] and "other_cores" in res["load"]
 
-    models = {"linear4", "chargpt", "transformer", "resnet", "embedding"}
+    models = {"linear4", "chargpt", "transformer", "resnet", "cnn", "embedding"}
     assert set(MODELS) == models
     for section in ("step_time", "end_to_end", "batched"):
         assert {r["model"] for r in res[section]} == models, section

@@ -6,6 +6,8 @@ Models (``--models``; ``--quick`` shrinks every one to tiny sizes):
 - ``chargpt``: ``CharGPT(vocab=65, ctx=128, d=128, layers=4, heads=4)`` from ``scalable_shampoo_bench/models.py``;
 - ``transformer``: ``nn.TransformerEncoder``, d=512, 4 layers, 8 heads, feed-forward 2048;
 - ``resnet``: ``ResNet()`` from ``scalable_shampoo_bench/models.py`` (widths 16, 32, 64; 1×28×28 images);
+- ``cnn``: a ResNet for 3×32×32 images (CIFAR-sized): widths 32, 64, 128, two BasicBlocks
+  each, 0.69M parameters, almost all of them in 3×3 conv kernels;
 - ``embedding``: ``nn.Embedding(100_000, 64)``, the mean over each bag, then an MLP 64-256-1
   (the table's 100k axis is above ``max_preconditioner_dim``: it is preconditioned on its
   64-axis only, as one block).

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=None, help="steps per interleaved chunk (default 10)")
     p.add_argument("--compile-elementwise", action="store_true", help="Shampoo(compile_elementwise=True)")
     p.add_argument("--bf16-roots", action="store_true", help="Shampoo(root_storage_dtype=torch.bfloat16)")
+    p.add_argument(
+        "--format1-merge", action="store_true", help="plan Shampoo with the format-1 merge rule (from the left)"
+    )
     p.add_argument("--e2e-models", type=_names, default=None, help="end-to-end models (default: all)")
     p.add_argument(
         "--e2e-batch", type=int, default=None,

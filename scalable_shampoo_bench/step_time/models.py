@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..models import CharGPT, ResNet
 
-MODELS = ("linear4", "chargpt", "transformer", "resnet", "embedding")
+MODELS = ("linear4", "chargpt", "transformer", "resnet", "cnn", "embedding")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -44,6 +44,10 @@ def model_dims(name: str, quick: bool) -> dict[str, Any]:
         if quick:
             return {"widths": [4, 8], "classes": 3, "image": 8}
         return {"widths": [16, 32, 64], "classes": 10, "image": 28}
+    if name == "cnn":  # 3×32×32 images, as CIFAR-10
+        if quick:
+            return {"widths": [4, 8], "classes": 3, "image": 8, "channels": 3, "depth": 2}
+        return {"widths": [32, 64, 128], "classes": 10, "image": 32, "channels": 3, "depth": 2}
     if name == "embedding":  # quick: still more rows than max_preconditioner_dim (4096), so one-sided as in full
         if quick:
             return {"rows": 5000, "d": 8, "hidden": 16}
@@ -66,6 +70,9 @@ def make_model(name: str, quick: bool, device: torch.device, seed: int = 0) -> n
         model = nn.TransformerEncoder(layer, dims["layers"], enable_nested_tensor=False)
     elif name == "resnet":
         model = ResNet(tuple(dims["widths"]), classes=dims["classes"])
+    elif name == "cnn":
+        widths = tuple(dims["widths"])
+        model = ResNet(widths, classes=dims["classes"], in_channels=dims["channels"], depth=dims["depth"])
     else:
         model = EmbeddingMLP(dims["rows"], dims["d"], dims["hidden"])
     return model.to(device)
@@ -78,6 +85,7 @@ def e2e_shape(name: str, quick: bool, args: argparse.Namespace | None = None) ->
         "chargpt": {"batch": 2, "seq": 8} if quick else {"batch": 32, "seq": 128},
         "transformer": {"batch": 2, "seq": 8} if quick else {"batch": 8, "seq": 64},
         "resnet": {"batch": 4} if quick else {"batch": 128},
+        "cnn": {"batch": 4} if quick else {"batch": 128},
         "embedding": {"batch": 8, "bag": 4} if quick else {"batch": 256, "bag": 16},
     }[name]
     if args is not None:
@@ -108,8 +116,8 @@ def e2e_loss(
         tokens = torch.randint(dims["vocab"], (b, shape["seq"] + 1), generator=gen).to(device)
         idx, targets = tokens[:, :-1], tokens[:, 1:]
         return lambda model: F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
-    if name == "resnet":
-        x = torch.randn(b, 1, dims["image"], dims["image"], generator=gen).to(device)
+    if name in ("resnet", "cnn"):
+        x = torch.randn(b, dims.get("channels", 1), dims["image"], dims["image"], generator=gen).to(device)
         y = torch.randint(dims["classes"], (b,), generator=gen).to(device)
         return lambda model: F.cross_entropy(model(x), y)
     if name == "embedding":

@@ -6,9 +6,11 @@ import argparse
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from scalable_shampoo import Shampoo
+from scalable_shampoo.blocks import BlockPlan, make_plan
+from scalable_shampoo.state import RootInfo
 
 
 def shampoo_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -18,13 +20,29 @@ def shampoo_options(args: argparse.Namespace) -> dict[str, Any]:
         out["compile_elementwise"] = True
     if getattr(args, "bf16_roots", False):
         out["root_storage_dtype"] = torch.bfloat16
+    if getattr(args, "format1_merge", False):
+        out["format1_merge"] = True
     return out
+
+
+class Format1MergeShampoo(Shampoo):
+    """Shampoo planned with format 1's merge rule (dims merged from the left), to time
+    what fan-in grouping changed; every stage of the step takes its plan from ``plan``."""
+
+    @staticmethod
+    def plan(p: Tensor, group: dict[str, Any]) -> BlockPlan:
+        bound = group["merge_dims_bound"] or group["block_size"]
+        return make_plan(
+            tuple(p.shape), group["block_size"], group["max_preconditioner_dim"], bound, group["precondition_1d"],
+            None, "left",
+        )  # fmt: skip
 
 
 def make_shampoo(
     model: nn.Module, block_size: int, frequency: int, start: int, batched: bool = True, **options: Any
 ) -> Shampoo:
-    return Shampoo(
+    cls = Format1MergeShampoo if options.pop("format1_merge", False) else Shampoo
+    return cls(
         model.parameters(),
         lr=1e-3,
         weight_decay=1e-2,
@@ -48,7 +66,7 @@ def root_counts(opt: Shampoo) -> dict[str, int]:
             if key.startswith("root."):
                 installed += 1
             elif key.startswith("root_info."):
-                rejected += int(value[4])
+                rejected += int(RootInfo.from_tensor(value).rejected)
     return {"root_matrices": installed, "roots_rejected": rejected}
 
 

@@ -2,6 +2,7 @@
 
 from .background import BackgroundRoots, InlineRoots, RootScheduler
 from .grafting import GraftingType
+from .groups import PlanTable, param_groups_for
 from .matrix_roots import RootMethod, inverse_root
 from .optimizer import NonFiniteGrad, Shampoo
 from .state import FORMAT_VERSION, atomic_save
@@ -12,10 +13,12 @@ __all__ = [
     "BackgroundRoots",
     "InlineRoots",
     "NonFiniteGrad",
+    "PlanTable",
     "RootMethod",
     "RootScheduler",
     "Shampoo",
     "atomic_save",
     "inverse_root",
+    "param_groups_for",
 ]
 __version__ = "0.1.0"

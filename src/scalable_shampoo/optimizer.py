@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -33,11 +33,12 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
-from .blocks import BlockPlan, make_plan
+from .blocks import BlockPlan, make_plan, normalize_axes
 from .buckets import Buckets, Entry, Spec
 from .distributed import Sharding, assign_owners, param_cost
 from .functional import compiled, graft_stage_, heavy_ball_, weight_update_
 from .grafting import GraftingType
+from .groups import PlanTable, plan_table
 from .matrix_roots import RootMethod
 from .state import RootInfo, StateCodec, diagnostics, info_key, memory, method_key, root_key, stat_key
 
@@ -108,8 +109,13 @@ class Shampoo(torch.optim.Optimizer):
         grafting_beta2: β₂ of the RMSprop/Adam grafting accumulator (default: ``betas[1]``).
         block_size: blocks are at most this long along every preconditioned axis.
         max_preconditioner_dim: an axis longer than this keeps no statistic (one-sided).
-        merge_dims_bound: adjacent dims are merged while their product stays ≤ this
-            (default: ``block_size``).
+        merge_dims_bound: the dims after the leading one are merged from the right while
+            their product stays ≤ this (default: ``block_size``): fan-in grouping, so a
+            conv kernel ``[out, in, kh, kw]`` is preconditioned as ``[out, in·kh·kw]``.
+        precondition_axes: the dims of each parameter that may keep a statistic, e.g.
+            ``(1,)`` or ``(-1,)`` for an embedding table's d side (negative dims count
+            from the end); the others get the grafted diagonal. ``None`` (default): all.
+            Usually set per param group (see :func:`~scalable_shampoo.param_groups_for`).
         precondition_1d: precondition vectors with a full d×d statistic.
         exponent_override: use ``L^(-1/p)`` with this p for every factor (default 2k).
         precondition_frequency: recompute roots every this many steps.
@@ -163,6 +169,7 @@ class Shampoo(torch.optim.Optimizer):
         block_size: int = 1024,
         max_preconditioner_dim: int = 4096,
         merge_dims_bound: int | None = None,
+        precondition_axes: Sequence[int] | None = None,
         precondition_1d: bool = False,
         exponent_override: int | None = None,
         precondition_frequency: int = 20,
@@ -185,6 +192,7 @@ class Shampoo(torch.optim.Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             momentum=momentum, nesterov=nesterov, grafting=grafting, grafting_beta2=grafting_beta2,
             block_size=block_size, max_preconditioner_dim=max_preconditioner_dim, merge_dims_bound=merge_dims_bound,
+            precondition_axes=precondition_axes,
             precondition_1d=precondition_1d, exponent_override=exponent_override,
             precondition_frequency=precondition_frequency, start_preconditioning_step=start_preconditioning_step,
             matrix_eps=matrix_eps, matrix_eps_relative=matrix_eps_relative, root_method=root_method,
@@ -298,6 +306,23 @@ class Shampoo(torch.optim.Optimizer):
             _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "an integer ≥ 1")
         mdb = g["merge_dims_bound"]
         _require(mdb is None or (isinstance(mdb, int) and mdb >= 1), "merge_dims_bound", mdb, "None or an integer ≥ 1")
+        pa = g.get("precondition_axes")
+        ints = isinstance(pa, (tuple, list)) and all(isinstance(a, int) and not isinstance(a, bool) for a in pa)
+        _require(pa is None or ints, "precondition_axes", pa, "None or a sequence of ints (dims of the parameter)")
+        if pa is not None:
+            g["precondition_axes"] = tuple(pa)
+            _require(len(set(pa)) == len(pa), "precondition_axes", pa, "dims without repeats")
+            for i, p in enumerate(g["params"]):
+                try:
+                    dims = normalize_axes(tuple(pa), p.dim())
+                except IndexError:
+                    dims = None
+                if dims is None or len(dims) != len(pa):
+                    raise ValueError(
+                        f"precondition_axes={tuple(pa)} does not fit parameter {i} of its group, "
+                        f"of shape {tuple(p.shape)}: each dim must be in [-{p.dim()}, {p.dim()}) "
+                        "and name a different dim"
+                    )
         eo = g["exponent_override"]
         _require(eo is None or (isinstance(eo, int) and eo >= 1), "exponent_override", eo, "None or an integer ≥ 1")
         me = g["matrix_eps"]
@@ -318,7 +343,7 @@ class Shampoo(torch.optim.Optimizer):
         """How ``p`` is blocked under ``group``'s settings (cached per shape)."""
         bound = group["merge_dims_bound"] or group["block_size"]
         return make_plan(tuple(p.shape), group["block_size"], group["max_preconditioner_dim"], bound,
-                         group["precondition_1d"])  # fmt: skip
+                         group["precondition_1d"], normalize_axes(group.get("precondition_axes"), p.dim()))  # fmt: skip
 
     @staticmethod
     def _state_dtype(p: Tensor) -> torch.dtype:
@@ -559,6 +584,12 @@ class Shampoo(torch.optim.Optimizer):
           produced the installed root (e.g. ``"eigh/fp32"``).
         """
         return diagnostics(self)
+
+    def plan_table(self, model: torch.nn.Module | None = None) -> PlanTable:
+        """What Shampoo chose for each parameter: merged shape, blocks, the dims of each
+        preconditioned axis, statistic sizes and their cost; ``print()`` it for a table,
+        or read its ``rows``. ``model`` names the parameters (else ``group.index``)."""
+        return plan_table(self, model)
 
     def memory(self) -> dict[str, int]:
         """Bytes of optimizer state by kind (statistics, roots, first_moment, grafting,

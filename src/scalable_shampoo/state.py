@@ -27,6 +27,9 @@ them at its next step. The layout of a checkpoint does not depend on ``batched``
 
 The top-level entry ``"scalable_shampoo"`` holds ``format_version``,
 ``global_step``, ``skipped_steps`` and the scheduler's pending results.
+Format 2 plans parameters by fan-in grouping (``blocks.py``). A format-1 checkpoint
+(dims merged from the left) loads only where a parameter's plan is the same under
+both rules; any other parameter is refused by name (its statistics can't be converted).
 
 **Across versions** (``FORMATS`` below): a checkpoint of any format in the table
 loads, and a param group that lacks a setting added later gets the setting's
@@ -73,7 +76,8 @@ __all__ = [
 # old one lacks (then handle that name in ``StateCodec._check_and_keep``). A format that
 # is not in this table is refused: a newer one asks for a newer scalable_shampoo.
 FORMATS: dict[int, tuple[str, ...]] = {
-    1: (),  # the first format, and today's
+    1: ("fan-in plans",),  # dims merged from the left: a parameter loads only where its plan is unchanged
+    2: (),  # today's: fan-in grouping (blocks.py)
 }
 FORMAT_VERSION = max(FORMATS)
 TOP_KEY = "scalable_shampoo"
@@ -183,6 +187,8 @@ class StateCodec:
         for (pid, group), p in zip(saved, params):
             state = sd["state"].get(pid, {})
             plan = opt.plan(p, {**group, "params": [p]})
+            if "fan-in plans" in FORMATS[version] and state:
+                _check_format1_plan(pid, p, group, plan)
             expected = {stat_key(b, a): (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes}
             expected |= {k: tuple(p.shape) for k in ("exp_avg", "graft_acc", "momentum_buffer")}
             missing = [k for k in expected if k.startswith("stat.") and k not in state]
@@ -247,6 +253,25 @@ def _upgrade_root_info(state: dict[str, Any]) -> None:
             if not math.isfinite(info[1]):
                 info[1] = -1.0
             state[key] = RootInfo(*info).to_tensor()
+
+def _check_format1_plan(pid: Any, p: torch.Tensor, group: dict[str, Any], plan: Any) -> None:
+    """A format-1 checkpoint was saved under the left-merging rule. Its statistics load only
+    where that rule planned the parameter exactly as fan-in grouping does: equal shapes are
+    not enough ([8,8,8,8] under bound 512, block 8 is 64 blocks of 8×8 statistics under
+    both rules, but of different dims). Statistics of other dims can't be converted."""
+    from .blocks import make_plan
+
+    bound = group["merge_dims_bound"] or group["block_size"]
+    old = make_plan(tuple(p.shape), group["block_size"], group["max_preconditioner_dim"], bound,
+                    group["precondition_1d"], None, "left")  # fmt: skip
+    if old != plan:
+        raise ValueError(
+            f"state_dict has format_version 1, whose rule merged parameter {pid} of shape "
+            f"{tuple(p.shape)} into {old.merged}; fan-in grouping merges it into {plan.merged}"
+            f"{' (other dims)' if old.merged == plan.merged else ''}, so its statistics do not "
+            "apply and can't be converted. Resume without this optimizer state, or drop this "
+            "parameter's entry from state_dict['state'] to restart its statistics."
+        )
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
