@@ -124,10 +124,15 @@ def test_todays_code_still_writes_its_frozen_file() -> None:
         torch.testing.assert_close(p.detach(), q, rtol=1e-4, atol=1e-6)
 
 
+def build(params: list[torch.nn.Parameter], **kw: Any) -> Shampoo:
+    """The writer's optimizer, with the settings ``kw`` changed."""
+    groups = [{**g, **{k: v for k, v in kw.items() if k in g}} for g in mk.param_groups(params)]
+    return Shampoo(groups, **{**mk.settings(), **kw})
+
+
 def fresh_state_dict(**kw: Any) -> tuple[dict[str, Any], list[torch.nn.Parameter]]:
     params = mk.parameters()
-    groups = [{**g, **{k: v for k, v in kw.items() if k in g}} for g in mk.param_groups(params)]
-    opt = Shampoo(groups, **{**mk.settings(), **kw})
+    opt = build(params, **kw)
     mk.train(opt, params, 1, 3)
     return opt.state_dict(), params
 
@@ -171,7 +176,7 @@ def test_a_param_group_that_lacks_a_setting_steps_as_with_its_default(key: str) 
     runs = []
     for checkpoint in (sd, reference):
         params = mk.parameters()
-        opt = Shampoo(mk.param_groups(params), **mk.settings())
+        opt = build(params, **{key: default})  # settings that lay out the state must match the checkpoint's
         opt.load_state_dict(checkpoint)
         mk.train(opt, params, 4, 8)  # (a missing key raised KeyError here before defaults were filled in)
         runs.append((params, opt))

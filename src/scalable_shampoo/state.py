@@ -59,10 +59,13 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMATS",
     "FORMAT_VERSION",
+    "PLAN_SETTINGS",
     "TOP_KEY",
     "RootInfo",
     "StateCodec",
     "atomic_save",
+    "check_format",
+    "check_groups",
     "diagnostics",
     "info_key",
     "method_key",
@@ -151,36 +154,10 @@ class StateCodec:
     @staticmethod
     def _check_and_keep(opt: Shampoo, sd: dict[str, Any]) -> None:
         meta = sd.get(TOP_KEY)
-        if not isinstance(meta, dict):
-            raise ValueError(f"state_dict has no {TOP_KEY!r} entry: it was not saved by scalable_shampoo.Shampoo")
-        version = meta.get("format_version")
-        known = ", ".join(map(str, sorted(FORMATS)))
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise ValueError(f"state_dict format_version must be an integer, got {version!r}")
-        if version > FORMAT_VERSION:
-            raise ValueError(
-                f"state_dict format_version {version} is newer than this scalable_shampoo reads "
-                f"(formats {known}): load it with the newer scalable_shampoo that wrote it"
-            )
-        if version not in FORMATS:
-            raise ValueError(f"state_dict format_version {version} is not one this scalable_shampoo reads "
-                             f"(formats {known})")  # fmt: skip
+        version = check_format(meta)
         # FORMATS[version] names what this checkpoint lacks; each gap is filled or checked
-        # here, before anything changes (format 1, today's, lacks nothing)
-        saved_groups = sd["param_groups"]
-        if len(saved_groups) != len(opt.param_groups) or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, opt.param_groups)
-        ):
-            raise ValueError("state_dict has different param groups than this optimizer")
-        # a setting written before it existed gets its default (Shampoo.group_defaults); the
-        # groups are checked here, before anything changes, as the constructor checks them
-        defaults = opt.group_defaults()
-        saved_groups = [{**defaults, **s} for s in saved_groups]
-        for s, g in zip(saved_groups, opt.param_groups):
-            try:
-                opt._validate({**s, "params": g["params"]})
-            except ValueError as exc:
-                raise ValueError(f"state_dict has a bad param group setting: {exc}") from None
+        # here, before anything changes (format 2, today's, lacks nothing)
+        saved_groups = check_groups(opt, sd["param_groups"])
         sd["param_groups"] = saved_groups  # torch copied sd before this hook: the caller's dict is untouched
         params = chain.from_iterable(g["params"] for g in opt.param_groups)
         saved = list(chain.from_iterable(zip(s["params"], [s] * len(s["params"])) for s in saved_groups))
@@ -197,12 +174,18 @@ class StateCodec:
                     f"state_dict is missing {'step' if 'step' not in state else missing[0]!r} "
                     f"for parameter {pid} of shape {tuple(p.shape)}"
                 )
+            dtype = opt._state_dtype(p)
             for k, v in state.items():
                 if torch.is_tensor(v) and (k in expected or k.startswith("stat.")):
                     if tuple(v.shape) != expected.get(k):
                         raise ValueError(
                             f"state_dict does not fit parameter {pid} of shape {tuple(p.shape)}: "
                             f"{k} has shape {tuple(v.shape)}, expected {expected.get(k)}"
+                        )
+                    if v.dtype != dtype:  # fp64 parameters keep fp64 state, all others fp32
+                        raise ValueError(
+                            f"state_dict does not fit parameter {pid} of dtype {p.dtype}: {k} has dtype "
+                            f"{v.dtype}, expected {dtype} (was it saved for parameters of another dtype?)"
                         )
         opt.__dict__["_loaded"] = (sd, meta)  # handed to _restore, which pops it
 
@@ -234,6 +217,111 @@ class StateCodec:
             scheduler = filter_pending(scheduler, {i for i, o in enumerate(owners) if o == rank})
         opt.scheduler.load_state_dict(scheduler)
 
+
+
+def check_format(meta: Any) -> int:
+    """The format version of a checkpoint's top-level entry; a ``ValueError`` for one this
+    library does not read (none, malformed, unknown, or newer than :data:`FORMAT_VERSION`)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"state_dict has no {TOP_KEY!r} entry: it was not saved by scalable_shampoo.Shampoo")
+    version = meta.get("format_version")
+    known = ", ".join(map(str, sorted(FORMATS)))
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"state_dict format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"state_dict format_version {version} is newer than this scalable_shampoo reads "
+            f"(formats {known}): load it with the newer scalable_shampoo that wrote it"
+        )
+    if version not in FORMATS:
+        raise ValueError(f"state_dict format_version {version} is not one this scalable_shampoo reads "
+                         f"(formats {known})")  # fmt: skip
+    return version
+
+
+# The settings that fix the layout of a parameter's state: its plan (which statistics,
+# of which shapes, under which keys) and the elementwise buffers it keeps. A checkpoint
+# whose param group lays out some parameter's state otherwise than this optimizer's does
+# is refused, naming the setting; every other setting is taken from the checkpoint, as
+# torch.optim does (lr, eps, β₂, weight decay, root settings, frequencies, ...).
+PLAN_SETTINGS = ("block_size", "max_preconditioner_dim", "merge_dims_bound", "precondition_axes", "precondition_1d")
+
+
+def _buffers(group: dict[str, Any]) -> dict[str, tuple[str, Any, bool]]:
+    """Each elementwise buffer: (the setting that decides it, its value, whether it is kept)."""
+    from .grafting import GraftingType
+
+    beta1, kind, momentum = group["betas"][0], group["grafting"], group["momentum"]
+    return {
+        "exp_avg": ("betas[0]", beta1, beta1 > 0),
+        "graft_acc": ("grafting", kind, GraftingType(kind).has_accumulator),
+        "momentum_buffer": ("momentum", momentum, momentum > 0),
+    }
+
+
+def _describe(plan: Any) -> str:
+    dims = [blk.shape[a] for blk in plan.blocks for a in blk.axes]
+    stats = f"statistics of dims {sorted(set(dims))}" if dims else "no statistics"
+    return f"{plan.merged} in {len(plan.blocks)} block(s), {len(dims)} {stats}"
+
+
+def check_groups(opt: Shampoo, saved_groups: Any, shapes: list[tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
+    """A checkpoint's param groups, checked against ``opt``'s, before anything is loaded.
+
+    Returns them with every setting the checkpoint lacks filled with its default
+    (:meth:`Shampoo.group_defaults`). Raises a ``ValueError`` naming what differs when
+    the checkpoint has other param groups or other numbers of parameters, a parameter of
+    another shape (``shapes``: the saved shapes, where the checkpoint records them), a bad
+    setting, or a setting that lays out a parameter's state otherwise than ``opt``'s
+    (:data:`PLAN_SETTINGS` where they change a parameter's plan; β₁ = 0 or not, grafting
+    with or without an accumulator, momentum = 0 or not).
+    """
+    now_counts = [len(g["params"]) for g in opt.param_groups]
+    saved_counts = [len(s["params"]) for s in saved_groups] if isinstance(saved_groups, list) else None
+    if saved_counts != now_counts:
+        raise ValueError(
+            f"state_dict has different param groups than this optimizer: {saved_counts} parameters per group "
+            f"in the checkpoint, {now_counts} here (is it from another model?); nothing was loaded"
+        )
+    # a setting written before it existed gets its default (Shampoo.group_defaults); the
+    # groups are checked here, before anything changes, as the constructor checks them
+    defaults = opt.group_defaults()
+    saved_groups = [{**defaults, **s} for s in saved_groups]
+    for s, g in zip(saved_groups, opt.param_groups):
+        try:
+            opt._validate({**s, "params": g["params"]})
+        except ValueError as exc:
+            raise ValueError(f"state_dict has a bad param group setting: {exc}") from None
+    index = 0
+    for gi, (s, g) in enumerate(zip(saved_groups, opt.param_groups)):
+        for p in g["params"]:
+            if shapes is not None and tuple(shapes[index]) != tuple(p.shape):
+                raise ValueError(
+                    f"state_dict is from another model: parameter {index} (param group {gi}) has shape "
+                    f"{tuple(shapes[index])} in the checkpoint, {tuple(p.shape)} here; nothing was loaded"
+                )
+            old, new = opt.plan(p, {**s, "params": [p]}), opt.plan(p, g)
+            if old != new:
+                differ = [f"{k}={s[k]!r} in the checkpoint, {g[k]!r} here" for k in PLAN_SETTINGS if s[k] != g[k]]
+                raise ValueError(
+                    f"state_dict was saved with other settings: param group {gi} has {'; '.join(differ)}, so "
+                    f"parameter {index} of shape {tuple(p.shape)} is {_describe(old)} in the checkpoint and "
+                    f"{_describe(new)} here. These settings fix the state's shapes and keys: build the "
+                    "optimizer with the checkpoint's; nothing was loaded"
+                )
+            index += 1
+        if g["params"]:
+            kept = _buffers(g)
+            for key, (name, was, had) in _buffers(s).items():
+                now, has = kept[key][1:]
+                if had != has:
+                    raise ValueError(
+                        f"state_dict was saved with other settings: param group {gi} has {name}={was!r} in the "
+                        f"checkpoint ({'a' if had else 'no'} {key}), {name}={now!r} here ({'a' if has else 'no'} "
+                        f"{key}). This setting decides which buffers the state keeps: build the optimizer with "
+                        "the checkpoint's; nothing was loaded"
+                    )
+    return saved_groups
 
 
 def _upgrade_root_info(state: dict[str, Any]) -> None:
