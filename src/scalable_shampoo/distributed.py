@@ -41,7 +41,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,20 @@ from torch import Tensor, nn
 
 from .blocks import BlockPlan
 
-__all__ = ["ExchangeError", "Sharding", "assign_owners", "load_checkpoint", "param_cost", "save_checkpoint"]
+if TYPE_CHECKING:
+    from .optimizer import Shampoo
+
+__all__ = [
+    "ExchangeError",
+    "Sharding",
+    "assign_owners",
+    "extra_key",
+    "load_checkpoint",
+    "optimizer_shard",
+    "param_cost",
+    "save_checkpoint",
+    "state_key",
+]
 
 
 class ExchangeError(RuntimeError):
@@ -168,26 +181,169 @@ def filter_pending(state: dict[str, Any], owned: set[int]) -> dict[str, Any]:
     return {**state, "pending": pending}
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Save with ``torch.distributed.checkpoint``: the model as DCP shards (FSDP2 or
-    DDP), the optimizer's whole state (gathered from its owners) as one object. Call
-    on every rank; a checkpoint saved at one world size loads at any other."""
+# Keys of the optimizer's entries in a checkpoint of save_checkpoint: global (the parameter's
+# index in param_groups order, then the state key of state.py), the same at any world size.
+META_KEY = "optimizer.meta"
+
+
+def state_key(index: int, key: str) -> str:  # one tensor of parameter ``index``'s state
+    return f"optimizer.state.{index}.{key}"
+
+
+def extra_key(index: int) -> str:  # its other entries (root methods) and pending root results
+    return f"optimizer.extra.{index}"
+
+
+def _packed(obj: Any) -> io.BytesIO:
+    """An object as DCP stores it byte for byte, to be read back with ``weights_only=True``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def _unpacked(buf: io.BytesIO) -> Any:
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _pending_by_param(scheduler: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """A scheduler state's pending results, split by parameter index (the inverse of :func:`merge_pending`)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for item in scheduler.get("pending", []):
+        per: dict[int, list[Any]] = {}
+        for o in item["outcomes"]:
+            per.setdefault(int(o["key"][0]), []).append(o)
+        for i, outs in per.items():
+            out.setdefault(i, []).append({**item, "outcomes": outs})
+    return out
+
+
+def _owners_under(optimizer: Shampoo, groups: list[dict[str, Any]]) -> list[int]:
+    """``optimizer.owners()`` as it will be once ``groups`` (a checkpoint's settings) are loaded:
+    ownership weighs settings that a load takes from the checkpoint (the root frequency)."""
+    kept = optimizer.param_groups
+    optimizer.param_groups = [{**s, "params": g["params"]} for s, g in zip(groups, kept)]
+    try:
+        return list(optimizer.owners())
+    finally:
+        optimizer.param_groups = kept
+
+
+def optimizer_shard(optimizer: Shampoo) -> dict[str, Any]:
+    """This rank's entries of a sharded checkpoint (no communication): the state of the parameters
+    it owns, each tensor under :func:`state_key`, their other entries and pending root results
+    under :func:`extra_key`, and the settings, step counters and shapes under ``META_KEY``
+    (the same on every rank). Without sharding every rank holds every entry (DCP writes it once)."""
+    from .state import FORMAT_VERSION
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sharding = optimizer._sharding
+    owners, rank = optimizer.owners(), sharding.rank if sharding is not None else 0
+    scheduler = optimizer.scheduler.state_dict()  # this rank's pending results: its own parameters' roots
+    pending = _pending_by_param(scheduler)
+    out: dict[str, Any] = {}
+    for i, p in enumerate(params):
+        state = optimizer.state.get(p)
+        if not state and i not in pending:
+            continue
+        if owners[i] != rank:  # each entry must have one writer, or DCP would keep an arbitrary rank's
+            raise RuntimeError(f"rank {rank} holds optimizer state of parameter {i}, which rank {owners[i]} owns")
+        for k, v in (state or {}).items():
+            if torch.is_tensor(v):
+                out[state_key(i, k)] = v.detach()
+        objects = {k: v for k, v in (state or {}).items() if not torch.is_tensor(v)}
+        out[extra_key(i)] = _packed({"objects": objects, "pending": pending.get(i, [])})
+    start, groups = 0, []
+    for g in optimizer.param_groups:  # as torch.optim packs them: each parameter as its index
+        indices = list(range(start, start + len(g["params"])))
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": indices})
+        start += len(indices)
+    meta = dict(format_version=FORMAT_VERSION, global_step=optimizer.global_step, skipped_steps=optimizer.skipped_steps,
+                param_groups=groups, shapes=[list(p.shape) for p in params], owners=owners,
+                world_size=sharding.world if sharding is not None else 1,
+                scheduler={k: v for k, v in scheduler.items() if k != "pending"})  # fmt: skip
+    out[META_KEY] = _packed(meta)
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: Shampoo,
+                    *, storage_writer: Any = None) -> None:  # fmt: skip
+    """Save with ``torch.distributed.checkpoint`` (DCP), on every rank: the model as DCP shards
+    (FSDP2 or DDP), and of the optimizer each rank writes only what it owns
+    (:func:`optimizer_shard`), so no rank ever holds the whole optimizer state.
+    :func:`load_checkpoint` reads it at any world size. ``storage_writer``: DCP's, if not a
+    file system folder."""
     import torch.distributed.checkpoint as dcp  # here, so that importing the library does not load it
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    buf = io.BytesIO()
-    torch.save(optimizer.state_dict(), buf)
-    buf.seek(0)
-    dcp.save({"model": get_model_state_dict(model), "optimizer": buf}, checkpoint_id=path)
+    state = {"model": get_model_state_dict(model), **optimizer_shard(optimizer)}
+    dcp.save(state, checkpoint_id=path, storage_writer=storage_writer)
 
 
-def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load what :func:`save_checkpoint` wrote, resharding the model to this world size."""
+def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: Shampoo,
+                    *, storage_reader: Any = None) -> None:  # fmt: skip
+    """Load what :func:`save_checkpoint` wrote, at this world size, on every rank.
+
+    The optimizer's settings are checked first (:func:`~scalable_shampoo.state.check_groups`:
+    another model or settings that lay out the state otherwise raise a ``ValueError``, and
+    neither the model nor the optimizer changes). Owners are then assigned for this world
+    size, and each rank reads the model and only its own parameters' optimizer state and
+    pending roots. A checkpoint of the earlier layout (the whole optimizer state as one
+    object) loads too. ``storage_reader``: DCP's, if not a file system folder.
+    """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    state: dict[str, Any] = {"model": get_model_state_dict(model), "optimizer": io.BytesIO()}
-    dcp.load(state, checkpoint_id=path)
+    from .state import TOP_KEY, check_format, check_groups
+
+    reader = storage_reader if storage_reader is not None else dcp.FileSystemReader(path)
+    stored = reader.read_metadata().state_dict_metadata
+    if META_KEY not in stored:  # the earlier layout: the whole optimizer state_dict as one object
+        whole: dict[str, Any] = {"model": get_model_state_dict(model), "optimizer": io.BytesIO()}
+        dcp.load(whole, checkpoint_id=path, storage_reader=reader)
+        sd = _unpacked(whole["optimizer"])
+        set_model_state_dict(model, whole["model"])
+        optimizer.load_state_dict(sd)
+        return
+    head: dict[str, Any] = {META_KEY: io.BytesIO()}
+    dcp.load(head, checkpoint_id=path, storage_reader=reader)
+    meta = _unpacked(head[META_KEY])
+    check_format(meta)
+    groups = check_groups(optimizer, meta["param_groups"], meta["shapes"])
+    owners = _owners_under(optimizer, groups)
+    sharding = getattr(optimizer, "_sharding", None)
+    rank = sharding.rank if sharding is not None else 0
+    mine = {i for i, o in enumerate(owners) if o == rank}
+    wanted: dict[str, Any] = {}
+    for fqn, md in stored.items():
+        parts = fqn.split(".", 3)
+        if parts[0] == "optimizer" and parts[1] in ("state", "extra") and int(parts[2]) in mine:
+            if isinstance(md, TensorStorageMetadata):
+                wanted[fqn] = torch.empty(md.size, dtype=md.properties.dtype)  # DCP reads into it
+            else:
+                wanted[fqn] = io.BytesIO()
+    state = {"model": get_model_state_dict(model), **wanted}
+    dcp.load(state, checkpoint_id=path, storage_reader=reader)
+    per_param: dict[int, dict[str, Any]] = {}
+    pending = [{**meta["scheduler"], "pending": []}]
+    for fqn, value in state.items():
+        parts = fqn.split(".", 3)
+        if fqn == "model" or parts[0] != "optimizer":
+            continue
+        i = int(parts[2])
+        if parts[1] == "state":
+            per_param.setdefault(i, {})[parts[3]] = value
+        else:
+            extra = _unpacked(value)
+            per_param.setdefault(i, {}).update(extra["objects"])
+            pending.append({"pending": extra["pending"]})
+    sd = {
+        "state": {i: st for i, st in per_param.items() if st},
+        "param_groups": meta["param_groups"],
+        TOP_KEY: {k: meta[k] for k in ("format_version", "global_step", "skipped_steps")}
+        | {"scheduler": merge_pending(pending)},
+    }
     set_model_state_dict(model, state["model"])
-    state["optimizer"].seek(0)
-    optimizer.load_state_dict(torch.load(state["optimizer"], weights_only=True))
+    optimizer.load_state_dict(sd)

@@ -175,7 +175,8 @@ class StateCodec:
                     f"for parameter {pid} of shape {tuple(p.shape)}"
                 )
             dtype = opt._state_dtype(p)
-            for k, v in state.items():
+            # the elementwise buffers first: their shape is the parameter's shape in the checkpoint
+            for k, v in sorted(state.items(), key=lambda kv: kv[0].startswith("stat.")):
                 if torch.is_tensor(v) and (k in expected or k.startswith("stat.")):
                     if tuple(v.shape) != expected.get(k):
                         raise ValueError(
