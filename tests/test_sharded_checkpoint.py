@@ -112,9 +112,14 @@ def state_of(opt, model):
 
 
 def reshard_worker(rank, world, init_file, load_from, save_at, save_to, out_dir):
-    """Load ``load_from`` (if any), train to ``save_at`` and save to ``save_to`` (if any), train
-    to STEPS; write what the test checks into ``out_dir/{rank}.pt``."""
     init(rank, world, init_file)
+    torch.save(resume(rank, load_from, save_at, save_to), os.path.join(out_dir, f"{rank}.pt"))
+    finish()
+
+
+def resume(rank, load_from, save_at, save_to):
+    """Load ``load_from`` (if any), train to ``save_at`` and save to ``save_to`` (if any), train
+    to STEPS; returns what the test checks."""
     model = build()
     opt = make(model)
     start, result = 0, {}
@@ -143,8 +148,7 @@ def reshard_worker(rank, world, init_file, load_from, save_at, save_to, out_dir)
             save_checkpoint(save_to, model, opt)
     result.update(owners=owners, mine=mine, params=[p.detach() for p in model.parameters()],
                   state=state_of(opt, model), start=start)  # fmt: skip
-    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-    finish()
+    return result
 
 
 def spawn(tmp_path, name, world, load_from=None, save_at=None, save_to=None):
@@ -170,14 +174,17 @@ def check_writers(ckpt, owners):
 
 
 def test_dcp_reshard_4_to_2_to_1_and_3_reads_only_owned_state_and_continues_bitwise(tmp_path):
+    """Saved at 4 ranks after step 5 and resumed at 2, saved again after step 9 and resumed
+    at 3 and at 1: each rank wrote and read only its own parameters' state and pending roots,
+    and every run ends with the weights and state of one uninterrupted process."""
     ref_model, ref_opt = reference(STEPS)
     ref_state = state_of(ref_opt, ref_model)
     ckpt4, ckpt2 = str(tmp_path / "ckpt4"), str(tmp_path / "ckpt2")
     # after step 5 (roots of step 5 pending until step 7), after step 9 (roots of step 8 pending until 10)
     runs = {4: spawn(tmp_path, "w4", 4, save_at=5, save_to=ckpt4)}
     runs[2] = spawn(tmp_path, "w2", 2, load_from=ckpt4, save_at=9, save_to=ckpt2)
-    for world in (1, 3):
-        runs[world] = spawn(tmp_path, f"w{world}", world, load_from=ckpt2)
+    runs[3] = spawn(tmp_path, "w3", 3, load_from=ckpt2)
+    runs[1] = [resume(0, ckpt2, None, None)]  # world size 1: this process, without a process group
     for ckpt, saved in ((ckpt4, runs[4]), (ckpt2, runs[2])):
         written = check_writers(ckpt, saved[0]["owners"])
         assert params_of(written) == set(range(7))  # every parameter has state
@@ -330,7 +337,8 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_parameter_and_shape
                                          r"in the checkpoint, \(13, 10\) here"):  # fmt: skip
         load_checkpoint(str(tmp_path / "c"), wider, target)
     assert_unchanged(before, wider, target)
-    with pytest.raises(ValueError, match=r"does not fit parameter 3 of shape \(13, 10\): graft_acc has shape \(12, 10\)"):
+    with pytest.raises(ValueError, match=r"does not fit parameter 3 of shape \(13, 10\): graft_acc has shape "
+                                         r"\(12, 10\)"):  # fmt: skip
         target.load_state_dict(opt.state_dict())
     assert_unchanged(before, wider, target)
     fewer = build()
