@@ -244,6 +244,11 @@ def test_a_dcp_checkpoint_of_the_earlier_layout_still_loads(tmp_path):
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     dcp.save({"model": get_model_state_dict(model), "optimizer": buf}, checkpoint_id=str(tmp_path / "old"))
+    wrong_model, wrong = other({"g1": {"block_size": 5}})
+    before = snapshot(wrong_model, wrong)
+    with pytest.raises(ValueError, match=r"param group 1 has block_size=4 in the checkpoint, 5 here"):
+        load_checkpoint(str(tmp_path / "old"), wrong_model, wrong)
+    assert_unchanged(before, wrong_model, wrong)  # the model too: the optimizer is checked first
     resumed = build()
     resumed_opt = make(resumed)
     load_checkpoint(str(tmp_path / "old"), resumed, resumed_opt)
@@ -377,3 +382,23 @@ def test_settings_that_keep_the_layout_are_taken_from_the_checkpoint_as_torch_op
             assert all(g[k] == h[k] for k in g if k != "params")
         assert target.param_groups[0]["block_size"] == 1024 and target.param_groups[1]["precondition_frequency"] == 3
         assert target.global_step == 3
+
+
+def test_a_pending_root_saved_on_another_device_is_installed_where_its_parameter_is_now():
+    """A checkpoint taken on GPUs and resumed on other devices: the pending roots follow the
+    parameters. ``meta`` stands for a device this process does not have."""
+    model, opt = trained()
+    sd = copy.deepcopy(opt.state_dict())
+    for item in sd["scalable_shampoo"]["scheduler"]["pending"]:
+        for o in item["outcomes"]:
+            o["device"] = "meta"
+    resumed = build()
+    resumed.load_state_dict(model.state_dict())
+    resumed_opt = make(resumed)
+    resumed_opt.load_state_dict(sd)
+    for step in range(5, 9):  # the pending roots are installed at step 7
+        for m, o in ((model, opt), (resumed, resumed_opt)):
+            set_grads(m, step)
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    assert all(v.device.type == "cpu" for v in state_of(resumed_opt, resumed).values())

@@ -301,11 +301,12 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: S
     reader = storage_reader if storage_reader is not None else dcp.FileSystemReader(path)
     stored = reader.read_metadata().state_dict_metadata
     if META_KEY not in stored:  # the earlier layout: the whole optimizer state_dict as one object
-        whole: dict[str, Any] = {"model": get_model_state_dict(model), "optimizer": io.BytesIO()}
+        whole: dict[str, Any] = {"optimizer": io.BytesIO()}
         dcp.load(whole, checkpoint_id=path, storage_reader=reader)
-        sd = _unpacked(whole["optimizer"])
-        set_model_state_dict(model, whole["model"])
-        optimizer.load_state_dict(sd)
+        optimizer.load_state_dict(_unpacked(whole["optimizer"]))  # checked before the model changes
+        model_state = {"model": get_model_state_dict(model)}
+        dcp.load(model_state, checkpoint_id=path, storage_reader=reader)  # in place, into the model's tensors
+        set_model_state_dict(model, model_state["model"])
         return
     head: dict[str, Any] = {META_KEY: io.BytesIO()}
     dcp.load(head, checkpoint_id=path, storage_reader=reader)

@@ -216,7 +216,13 @@ class StateCodec:
             from .distributed import filter_pending
 
             scheduler = filter_pending(scheduler, {i for i, o in enumerate(owners) if o == rank})
-        opt.scheduler.load_state_dict(scheduler)
+        # a pending root goes to where its parameter is now (it may have been saved on another device)
+        every = [p for g in opt.param_groups for p in g["params"]]
+        pending = []
+        for item in scheduler.get("pending", []):
+            outcomes = [{**o, "device": str(every[int(o["key"][0])].device)} for o in item["outcomes"]]
+            pending.append({**item, "outcomes": outcomes})
+        opt.scheduler.load_state_dict({**scheduler, "pending": pending})
 
 
 
