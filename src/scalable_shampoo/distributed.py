@@ -25,10 +25,17 @@ or fp64 for fp64 parameters) the bytes are sent verbatim and the run is
 bit-identical to one process. In bf16 the owner applies the same rounded
 direction as everyone else, so the ranks never drift apart.
 
-**Checkpoints.** ``state_dict()`` is a collective under sharding: every rank
-must call it, and each gets the whole state (every owner's entries, and every
-rank's pending root results). ``load_state_dict`` keeps what this rank owns under
-the current world size, so a checkpoint loads at any world size.
+**Checkpoints.** Two ways, both loading at any world size:
+
+* :func:`save_checkpoint` / :func:`load_checkpoint` (``torch.distributed.checkpoint``)
+  keep the state sharded: each rank writes only its own parameters' state, under
+  global keys (:func:`state_key`, :func:`extra_key`, ``META_KEY``); the loader
+  checks the settings and shapes first, assigns owners for its world size and
+  reads only its own parameters' entries. No rank holds the whole state.
+* ``state_dict()`` is a collective under sharding: every rank must call it, and
+  each gets the whole state (every owner's entries, and every rank's pending root
+  results), so ``torch.save`` of it on rank 0 is a complete checkpoint.
+  ``load_state_dict`` keeps what this rank owns under the current world size.
 
 **Failures.** A rank that dies makes the collective fail on the others: gloo and
 NCCL raise when a peer's connection closes, and at the latest after the process

@@ -31,6 +31,13 @@ Format 2 plans parameters by fan-in grouping (``blocks.py``). A format-1 checkpo
 (dims merged from the left) loads only where a parameter's plan is the same under
 both rules; any other parameter is refused by name (its statistics can't be converted).
 
+**What must match** (:func:`check_groups`, before anything changes): the param groups'
+sizes, the parameters' shapes and dtypes, and the settings that lay out the state
+(:data:`PLAN_SETTINGS` where they change a parameter's plan; β₁ = 0 or not, grafting
+with or without an accumulator, momentum = 0 or not). Any other setting is taken from
+the checkpoint, as ``torch.optim`` does. A mismatch raises a ``ValueError`` naming
+the parameter or param group, the setting, and the saved and current values.
+
 **Across versions** (``FORMATS`` below): a checkpoint of any format in the table
 loads, and a param group that lacks a setting added later gets the setting's
 constructor default (:meth:`Shampoo.group_defaults`); a newer or unknown format is
