@@ -433,3 +433,16 @@ def test_torchrun_restarts_after_sigkill_and_resumes_bitwise_from_sharded_state(
         w.grads(ref, step)
         ref_opt.step()
     assert all(torch.equal(a, b) for a, b in zip(got["params"], ref.parameters()))
+
+
+def test_a_checkpoint_without_optimizer_state_or_another_optimizer_is_refused(tmp_path):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    model = build()
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp_path / "model-only"))
+    opt = make(model)
+    with pytest.raises(ValueError, match="holds no optimizer state: it was not written by"):
+        load_checkpoint(str(tmp_path / "model-only"), model, opt)
+    with pytest.raises(ValueError, match="optimizer must be a scalable_shampoo.Shampoo, got AdamW"):
+        save_checkpoint(str(tmp_path / "c"), model, torch.optim.AdamW(model.parameters()))
+    assert not (tmp_path / "c").exists()

@@ -274,6 +274,13 @@ def optimizer_shard(optimizer: Shampoo) -> dict[str, Any]:
     return out
 
 
+def _require_shampoo(optimizer: Any) -> None:
+    from .optimizer import Shampoo
+
+    if not isinstance(optimizer, Shampoo):
+        raise ValueError(f"optimizer must be a scalable_shampoo.Shampoo, got {type(optimizer).__name__}")
+
+
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: Shampoo,
                     *, storage_writer: Any = None) -> None:  # fmt: skip
     """Save with ``torch.distributed.checkpoint`` (DCP), on every rank: the model as DCP shards
@@ -284,6 +291,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: S
     import torch.distributed.checkpoint as dcp  # here, so that importing the library does not load it
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    _require_shampoo(optimizer)
     state = {"model": get_model_state_dict(model), **optimizer_shard(optimizer)}
     dcp.save(state, checkpoint_id=path, storage_writer=storage_writer)
 
@@ -305,8 +313,12 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: S
 
     from .state import TOP_KEY, check_format, check_groups
 
+    _require_shampoo(optimizer)
     reader = storage_reader if storage_reader is not None else dcp.FileSystemReader(path)
     stored = reader.read_metadata().state_dict_metadata
+    if META_KEY not in stored and "optimizer" not in stored:
+        raise ValueError(f"the checkpoint at {str(path)!r} holds no optimizer state: it was not written by "
+                         "scalable_shampoo.distributed.save_checkpoint")  # fmt: skip
     if META_KEY not in stored:  # the earlier layout: the whole optimizer state_dict as one object
         whole: dict[str, Any] = {"optimizer": io.BytesIO()}
         dcp.load(whole, checkpoint_id=path, storage_reader=reader)
