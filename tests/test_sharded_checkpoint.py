@@ -280,11 +280,17 @@ LAYOUT = [
     ({"g0": {"max_preconditioner_dim": 64}}, r"param group 0 has max_preconditioner_dim=32 in the checkpoint, 64"),
     ({"g0": {"precondition_axes": (0,)}}, r"param group 0 has precondition_axes=None in the checkpoint, \(0,\) here"),
     ({"g1": {"precondition_1d": True}}, r"param group 1 has precondition_1d=False in the checkpoint, True here"),
-    ({"g2": {"betas": (0.9, 0.99)}}, r"param group 2 has betas\[0\]=0.0 in the checkpoint \(no exp_avg\), "
-                                     r"betas\[0\]=0.9 here \(a exp_avg\)"),
+    (
+        {"g2": {"betas": (0.9, 0.99)}},
+        r"param group 2 has betas\[0\]=0.0 in the checkpoint \(no exp_avg\), "
+        r"betas\[0\]=0.9 here \(exp_avg kept\)",
+    ),
     ({"g3": {"grafting": "adam"}}, r"param group 3 has grafting='sgd' in the checkpoint \(no graft_acc\)"),
-    ({"g1": {"momentum": 0.0}}, r"param group 1 has momentum=0.5 in the checkpoint \(a momentum_buffer\), "
-                                r"momentum=0.0 here"),
+    (
+        {"g1": {"momentum": 0.0}},
+        r"param group 1 has momentum=0.5 in the checkpoint \(momentum_buffer kept\), "
+        r"momentum=0.0 here",
+    ),
 ]
 LAYOUT_IDS = ["block_size", "max_preconditioner_dim", "precondition_axes", "precondition_1d", "beta1", "grafting",
               "momentum"]  # fmt: skip

@@ -232,7 +232,6 @@ class StateCodec:
         opt.scheduler.load_state_dict({**scheduler, "pending": pending})
 
 
-
 def check_format(meta: Any) -> int:
     """The format version of a checkpoint's top-level entry; a ``ValueError`` for one this
     library does not read (none, malformed, unknown, or newer than :data:`FORMAT_VERSION`)."""
@@ -331,9 +330,9 @@ def check_groups(opt: Shampoo, saved_groups: Any, shapes: list[tuple[int, ...]] 
                 if had != has:
                     raise ValueError(
                         f"state_dict was saved with other settings: param group {gi} has {name}={was!r} in the "
-                        f"checkpoint ({'a' if had else 'no'} {key}), {name}={now!r} here ({'a' if has else 'no'} "
-                        f"{key}). This setting decides which buffers the state keeps: build the optimizer with "
-                        "the checkpoint's; nothing was loaded"
+                        f"checkpoint ({f'{key} kept' if had else f'no {key}'}), {name}={now!r} here "
+                        f"({f'{key} kept' if has else f'no {key}'}). This setting decides which buffers the state "
+                        "keeps: build the optimizer with the checkpoint's; nothing was loaded"
                     )
     return saved_groups
 
