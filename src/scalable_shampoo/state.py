@@ -338,6 +338,8 @@ def memory(opt: Shampoo) -> dict[str, int]:
         for key, value in state.items():
             if torch.is_tensor(value):
                 add(next((kind for prefix, kind in _KINDS.items() if key.startswith(prefix)), "other"), value)
+    for kind, stack in opt._buckets.stacks():  # the whole stacks (a roots stack before its first root too)
+        add(kind, stack)
     for scratch in opt._buckets.scratch():
         add("scratch", scratch)
     out["parameters"] = sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
