@@ -269,6 +269,15 @@ def _unpack(state: dict[str, Any]) -> list[_Entry]:
     return entries
 
 
+def _held(pending: list[_Entry]) -> list[Tensor]:
+    """Snapshots and finished roots of pending entries (for ``Shampoo.memory()``)."""
+    out = [j.matrix for e in pending for j in e.snapshot]
+    for e in pending:
+        if e.future.done() and not e.future.cancelled() and e.future.exception() is None:
+            out += [o.root for o in e.future.result()]
+    return out
+
+
 def _to_devices(outcomes: list[RootOutcome], devices: dict[Key, torch.device]) -> list[RootOutcome]:
     out = []
     for o in outcomes:
@@ -301,6 +310,10 @@ class InlineRoots:
 
     def state_dict(self) -> dict[str, Any]:
         return _pack(self._pending, [e.future.result() for e in self._pending], [e.apply_step for e in self._pending])
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors this scheduler holds: roots computed but not installed yet (``delay`` > 0)."""
+        return _held(self._pending)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending = _unpack(state)
@@ -565,6 +578,11 @@ class BackgroundRoots:
             e.future, e.snapshot = _done(o), []  # keep them pending here, with their results
         apply = [e.apply_step if self.mode == "deterministic" else self._last_step + 1 for e in self._pending]
         return _pack(self._pending, outs, apply)
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors this scheduler holds: the snapshots of jobs still pending and the roots
+        that are done but not installed yet (a job in flight also holds a batch's working memory)."""
+        return _held(self._pending)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending = _unpack(state)

@@ -317,10 +317,11 @@ class Buckets:
         return list(self.work.buffers.values())
 
     def stacks(self) -> list[tuple[str, Tensor]]:
-        """(``"statistics"`` or ``"roots"``, stack) of every bucket, for the memory report: a
-        roots stack is allocated whole when the bucket is built, before any root is installed."""
+        """(kind, tensor) of every bucket's stacks and mask, for the memory report: a roots
+        stack is allocated whole when the bucket is built, before any root is installed."""
+        masks = [("other", b._mask) for b in self.buckets if b._mask is not None]
         return [(kind, t) for b in self.buckets for kind, d in (("statistics", b.stats), ("roots", b.roots))
-                for t in d.values()]  # fmt: skip
+                for t in d.values()] + masks  # fmt: skip
 
     def bind(self, state: Any, entries: list[Entry], batched: bool) -> None:
         """Stack the blocks of ``entries`` (this step's parameters with a gradient) and make
