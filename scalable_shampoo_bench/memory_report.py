@@ -28,7 +28,8 @@ Sections (``--sections``, default all four):
   ``Shampoo(compile_elementwise=True)`` on the char-GPT (the first one compiles),
   against the eager path's, in a fresh interpreter.
 
-Writes ``scalable_shampoo_bench/results/memory_report.json``.
+Writes ``scalable_shampoo_bench/results/memory_report.json``; the sections not run this
+time are kept from the file as it was (``kept_from_earlier_run`` names them).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def _state_bytes(opt: Shampoo, exclude: set[int]) -> int:
     return sum(seen.values())
 
 
-def issue_row_child(model_name: str, block_size: int, steps: int) -> None:
+def issue_row_child(model_name: str, block_size: int, steps: int, bf16_roots: bool = False) -> None:
     """In a fresh interpreter: one issue row. The model and its fixed batch, one forward/backward,
     the live tensor bytes; then Shampoo (Adam grafting, betas (0.9, 0.999), frequency 10, roots
     from step 10) for ``steps`` iterations of forward + backward + step, and the bytes again."""
@@ -132,7 +133,8 @@ def issue_row_child(model_name: str, block_size: int, steps: int) -> None:
     del grads
     params = set(before)
     opt = Shampoo(model.parameters(), lr=1e-3, betas=(0.9, 0.999), grafting="adam", block_size=block_size,
-                  precondition_frequency=10, start_preconditioning_step=10)  # fmt: skip
+                  precondition_frequency=10, start_preconditioning_step=10,
+                  root_storage_dtype=torch.bfloat16 if bf16_roots else None)  # fmt: skip
     for _ in range(steps):
         opt.zero_grad()
         loss(model).backward()
@@ -145,7 +147,8 @@ def issue_row_child(model_name: str, block_size: int, steps: int) -> None:
     param_bytes = mem.pop("parameters")
     diag = opt.diagnostics()["blocks"]
     print(json.dumps(dict(
-        model=model_name, block_size=block_size, steps=steps, parameter_bytes=param_bytes,
+        model=model_name, block_size=block_size, root_storage="bf16" if bf16_roots else "fp32", steps=steps,
+        parameter_bytes=param_bytes,
         roots_installed=sum(r["has_root"] for r in diag), statistics_kept=len(diag),
         state_bytes=_state_bytes(opt, params), state_and_scratch_bytes=held, memory=mem,
         memory_total=sum(mem.values()), peak_rss_mb=round(_status_mb("VmHWM") * 2**20 / 1e6, 1),
@@ -201,11 +204,13 @@ def compile_child(compiled: bool) -> None:
 def issue_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The issue's four rows, each in a fresh interpreter, against Meta's figures (MiB = 2**20 bytes)."""
     rows = []
-    print("| model, block | optimizer state (MiB), ours / Meta | state + scratch (MiB), ours / Meta | "
+    print("| model, block, roots | optimizer state (MiB), ours / Meta | state + scratch (MiB), ours / Meta | "
           "ours ÷ Meta (state + scratch) | peak RSS (MB), ours |")  # fmt: skip
     print("|---|---|---|---|---|")
-    for (name, block), meta in META_MIB.items():
-        r = child(["--issue-child", f"{name}:{block}", "--issue-steps", str(args.issue_steps)], args.threads)
+    runs = [(name, block, storage, meta) for (name, block), meta in META_MIB.items()
+            for storage in ("fp32", "bf16")]  # the default, and root_storage_dtype=torch.bfloat16  # fmt: skip
+    for name, block, storage, meta in runs:
+        r = child(["--issue-child", f"{name}:{block}:{storage}", "--issue-steps", str(args.issue_steps)], args.threads)
         r["meta_mib"] = meta
         r["state_mib"] = round(r["state_bytes"] / 2**20, 1)
         r["state_and_scratch_mib"] = round(r["state_and_scratch_bytes"] / 2**20, 1)
@@ -213,8 +218,9 @@ def issue_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         r["memory_over_live"] = round(r["memory_total"] / r["state_and_scratch_bytes"], 4)
         r["over_meta"] = round(r["state_and_scratch_mib"] / meta["state_and_scratch"], 3)
         rows.append(r)
-        print(f"| {name}, {block} | {r['state_mib']} / {meta['state']} | {r['state_and_scratch_mib']} / "
-              f"{meta['state_and_scratch']} | {r['over_meta']} | {r['peak_rss_mb']} |")  # fmt: skip
+        print(f"| {name}, {block}, {storage} roots | {r['state_mib']} / {meta['state']} | "
+              f"{r['state_and_scratch_mib']} / {meta['state_and_scratch']} | {r['over_meta']} | "
+              f"{r['peak_rss_mb']} |")  # fmt: skip
     return rows
 
 
@@ -242,8 +248,8 @@ def main() -> None:
     if args.compile_child:
         return compile_child(args.compile_child == "compiled")
     if args.issue_child:
-        name, block = args.issue_child.split(":")
-        return issue_row_child(name, int(block), args.issue_steps)
+        name, block, storage = args.issue_child.split(":")
+        return issue_row_child(name, int(block), args.issue_steps, storage == "bf16")
     from scalable_shampoo.background import ROOT_BATCHES
 
     sections = args.sections.split(",")
@@ -271,6 +277,13 @@ def main() -> None:
         for k, v in out["compile"].items():
             print(f"{k}: first step {v['first_step_s']} s, second {v['second_step_s']} s")
     out["load"] = monitor.stop()
+    if Path(args.out).exists():  # sections not run this time stay as the earlier run wrote them
+        old = json.loads(Path(args.out).read_text())
+        kept = [k for k in ("state", "issue", "roots", "compile") if k in old and k not in sections]
+        for k in kept:
+            out[k] = old[k]
+        if kept:
+            out["kept_from_earlier_run"] = dict(sections=kept, machine=old.get("machine"), load=old.get("load"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out} (load {out['load']})")

@@ -53,8 +53,8 @@ from .state import root_key, stat_key
 __all__ = ["CHUNK_ELEMENTS", "Bucket", "Buckets", "Entry", "Scratch", "Spec"]
 
 # A bucket is gathered, preconditioned and scattered in chunks of rows of at most this
-# many elements (4 MiB in fp32), or one unit where a unit is larger (see ``Bucket.chunks``).
-CHUNK_ELEMENTS = 1 << 20
+# many elements (1 MiB in fp32), or one unit where a unit is larger (see ``Bucket._plan_chunks``).
+CHUNK_ELEMENTS = 1 << 18
 
 
 class Spec(NamedTuple):
