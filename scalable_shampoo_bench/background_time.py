@@ -10,6 +10,12 @@ the final loss, and the share of the machine's CPU time that other processes use
 
     python -m scalable_shampoo_bench.background_time            # ~5–8 minutes on 2 cores
 
+``--model linear4`` / ``--model transformer256`` run issue 17's models instead (4 × Linear
+1024², and a Transformer d=256 with 4 layers and feed-forward 2048, both at block 1024),
+and the table adds the median forward + backward time. A variant names its workers'
+settings: ``bg-latency-process-1t-n19`` is latency mode, one worker process with 1 torch
+thread at nice 19.
+
 Writes ``scalable_shampoo_bench/results/background_time.json``.
 """
 
@@ -35,27 +41,55 @@ from .machine import CpuLoad, process_cpu_s
 def make_scheduler(name: str, delay: int, staleness: int) -> RootScheduler:
     if name == "inline":
         return InlineRoots()
-    mode, workers = name.split("-")[1:3]  # bg-<mode>-<workers>[-<threads>t]
-    threads = int(name.split("-")[3][:-1]) if name.count("-") == 3 else 1
-    kw: dict[str, Any] = dict(workers=workers, num_threads=threads)
+    mode, workers, *extra = name.split("-")[1:]  # bg-<mode>-<workers>[-<threads>t][-n<nice>]
+    kw: dict[str, Any] = dict(workers=workers)
+    for e in extra:
+        if e.endswith("t"):
+            kw["num_threads"] = int(e[:-1])
+        elif e.startswith("n"):
+            kw["nice"] = int(e[1:])
+        else:
+            raise ValueError(f"variant {name!r}: {e!r} is neither <threads>t nor n<nice>")
     if mode == "det":
         return BackgroundRoots("deterministic", delay=delay, **kw)
     return BackgroundRoots("latency", max_staleness=staleness, **kw)
 
 
-def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def make_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, Any]:
+    """The model, its block size, and ``batch(i) → (input, target)``.
+
+    ``mlp``: ``--layers`` Linear ``--dim``² with tanh, block ``--dim``, targets from a tanh
+    teacher on ``--batch`` random rows. ``linear4`` and ``transformer256``: issue 17's models
+    at block 1024: 4 × Linear 1024² (512 random rows), and ``nn.TransformerEncoder`` d=256,
+    4 layers, 8 heads, feed-forward 2048 (8 × 64 random tokens); MSE to random targets."""
     torch.manual_seed(0)
-    dims = [args.dim] * (args.layers + 1)
-    layers: list[torch.nn.Module] = []
-    for a, b in zip(dims[:-1], dims[1:], strict=True):
-        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
-    model = torch.nn.Sequential(*layers[:-1])
-    teacher = torch.nn.Linear(args.dim, args.dim)
-    sched = make_scheduler(name, args.delay, args.staleness)
-    opt = Shampoo(model.parameters(), lr=args.lr, block_size=args.dim, precondition_frequency=args.freq,
-                  start_preconditioning_step=args.freq, root_method="eigh", scheduler=sched)
     gen = torch.Generator().manual_seed(1)
-    data = [torch.randn(args.batch, args.dim, generator=gen) for _ in range(8)]
+    if args.model == "mlp":
+        dims = [args.dim] * (args.layers + 1)
+        layers: list[torch.nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:], strict=True):
+            layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+        teacher = torch.nn.Linear(args.dim, args.dim)
+        xs = [torch.randn(args.batch, args.dim, generator=gen) for _ in range(8)]
+        with torch.no_grad():
+            data = [(x, torch.tanh(teacher(x))) for x in xs]
+        return torch.nn.Sequential(*layers[:-1]), args.dim, lambda i: data[i % len(data)]
+    if args.model == "linear4":
+        model: torch.nn.Module = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)])
+        size: tuple[int, ...] = (512, 1024)
+    else:
+        layer = torch.nn.TransformerEncoderLayer(256, 8, 2048, dropout=0.0, batch_first=True)
+        model = torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        size = (8, 64, 256)
+    data = [(torch.randn(size, generator=gen), torch.randn(size, generator=gen)) for _ in range(4)]
+    return model, 1024, lambda i: data[i % len(data)]
+
+
+def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    model, block, batch = make_model(args)
+    sched = make_scheduler(name, args.delay, args.staleness)
+    opt = Shampoo(model.parameters(), lr=args.lr, block_size=block, precondition_frequency=args.freq,
+                  start_preconditioning_step=args.freq, root_method="eigh", scheduler=sched)
     time.sleep(args.warmup)  # a worker process imports torch meanwhile, as a real run's data loading would
     workers = [r.process.pid for r in getattr(sched, "_runners", [])]  # worker processes, if any
     load, workers_cpu0 = CpuLoad(), sum(map(process_cpu_s, workers))
@@ -64,9 +98,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     loss = torch.tensor(0.0)
     for i in range(args.steps):
         ts = time.perf_counter()
-        x = data[i % len(data)]
-        with torch.no_grad():
-            y = torch.tanh(teacher(x))
+        x, y = batch(i)
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -83,12 +115,15 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         variant=name, total_s=total, step_median_s=med, step_mean_s=statistics.fmean(step_times),
         step_max_s=max(step_times), max_over_median=max(step_times) / med,
         opt_median_s=statistics.median(opt_times), opt_max_s=max(opt_times), final_loss=float(loss.detach()),
+        fwd_bwd_median_s=statistics.median(s - o for s, o in zip(step_times, opt_times)),
         other_cpu_frac=math.nan if other is None else other,  # nan: no /proc/stat here
     )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("mlp", "linear4", "transformer256"), default="mlp",
+                    help="mlp: --layers × Linear --dim² (block --dim); linear4, transformer256: issue 17's, block 1024")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
@@ -102,7 +137,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument(
         "--variants", default="inline,bg-latency-process,bg-latency-thread,bg-det-process,bg-det-thread",
-        help="comma list: inline, bg-<det|latency>-<process|thread>[-<n>t]",
+        help="comma list: inline, bg-<det|latency>-<process|thread>[-<n>t][-n<nice>]",
     )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "background_time.json"))
     args = ap.parse_args()
@@ -116,17 +151,19 @@ def main() -> None:
             print(f"[{rep}] {v:24s} total {r['total_s']:6.1f}s  step med {r['step_median_s'] * 1e3:6.0f}ms "
                   f"max {r['step_max_s'] * 1e3:6.0f}ms  other-cpu {r['other_cpu_frac']:.0%}", flush=True)
     keys = ["total_s", "step_median_s", "step_mean_s", "step_max_s", "max_over_median", "opt_median_s",
-            "opt_max_s", "final_loss", "other_cpu_frac"]
+            "opt_max_s", "fwd_bwd_median_s", "final_loss", "other_cpu_frac"]
     summary = {v: {k: statistics.median(r[k] for r in rs) for k in keys} for v, rs in runs.items()}
     base = summary[variants[0]]["total_s"]
+    what = f"{args.layers}×Linear({args.dim}), batch {args.batch}" if args.model == "mlp" else args.model
     print(f"\ntorch threads {args.threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-          f"{args.layers}×Linear({args.dim}), batch {args.batch}, {args.steps} steps, roots every {args.freq} "
+          f"{what}, {args.steps} steps, roots every {args.freq} "
           f"(eigh), medians of {args.repeats} interleaved repeats")
     print(f"{'variant':24s} {'total s':>8s} {'vs ' + variants[0]:>10s} {'step med':>9s} {'mean':>7s} {'max':>7s} "
-          f"{'max/med':>7s} {'loss':>8s} {'other cpu':>9s}")
+          f"{'max/med':>7s} {'fwd+bwd':>8s} {'loss':>8s} {'other cpu':>9s}")
     for v, s in summary.items():
         print(f"{v:24s} {s['total_s']:8.1f} {s['total_s'] / base:10.2f} {s['step_median_s'] * 1e3:7.0f}ms "
               f"{s['step_mean_s'] * 1e3:5.0f}ms {s['step_max_s'] * 1e3:5.0f}ms {s['max_over_median']:7.2f} "
+              f"{s['fwd_bwd_median_s'] * 1e3:6.0f}ms "
               f"{s['final_loss']:8.5f} {s['other_cpu_frac']:9.0%}")
     out = dict(config=vars(args) | {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                                     "torch": torch.__version__, "cpus": os.cpu_count()},

@@ -269,6 +269,15 @@ def _unpack(state: dict[str, Any]) -> list[_Entry]:
     return entries
 
 
+def _held(pending: list[_Entry]) -> list[Tensor]:
+    """Snapshots and finished roots of pending entries (for ``Shampoo.memory()``)."""
+    out = [j.matrix for e in pending for j in e.snapshot]
+    for e in pending:
+        if e.future.done() and not e.future.cancelled() and e.future.exception() is None:
+            out += [o.root for o in e.future.result()]
+    return out
+
+
 def _to_devices(outcomes: list[RootOutcome], devices: dict[Key, torch.device]) -> list[RootOutcome]:
     out = []
     for o in outcomes:
@@ -302,6 +311,10 @@ class InlineRoots:
     def state_dict(self) -> dict[str, Any]:
         return _pack(self._pending, [e.future.result() for e in self._pending], [e.apply_step for e in self._pending])
 
+    def tensors(self) -> list[Tensor]:
+        """The tensors this scheduler holds: roots computed but not installed yet (``delay`` > 0)."""
+        return _held(self._pending)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending = _unpack(state)
 
@@ -320,11 +333,7 @@ class InlineRoots:
 def _process_main(conn: Any, compute_fn: ComputeFn, num_threads: int, nice: int) -> None:
     """A worker process: receive pickled jobs, send back ``("ok", outcomes)`` or ``("err", …)``."""
     torch.set_num_threads(num_threads)
-    if nice:
-        try:
-            os.nice(nice)
-        except OSError:
-            pass
+    _lower_priority(nice)
     while True:
         try:
             data = conn.recv_bytes()
@@ -401,8 +410,20 @@ class _ProcessRunner:
 Task = tuple[Future, list[RootJob], Any, bool]  # future, jobs, CUDA event to wait for, pin the results
 
 
-def _worker_loop(tasks: queue.Queue[Task | None], call: ComputeFn, stream: Any) -> None:
+def _lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice`` (Linux: per thread; the OpenMP threads it
+    starts inherit it). Lowering one's priority needs no privilege; a failure leaves it as it was."""
+    if nice:
+        try:
+            tid = threading.get_native_id()  # Linux: this thread alone (elsewhere no such process: ignored)
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except OSError:
+            pass
+
+
+def _worker_loop(tasks: queue.Queue[Task | None], call: ComputeFn, stream: Any, nice: int = 0) -> None:
     """A worker thread: take tasks until ``None``; never holds a reference to the scheduler."""
+    _lower_priority(nice)
     while True:
         item = tasks.get()
         if item is None:
@@ -451,8 +472,13 @@ class BackgroundRoots:
         max_staleness: latency mode installs a result at submit step + this at the latest.
         workers: ``"thread"`` (default, measured faster on a 2-core CPU) or ``"process"``.
         num_workers: how many threads or processes take jobs from the shared queue.
-        num_threads: torch/OpenMP threads inside each worker process.
-        nice: CPU priority increment of worker processes.
+        num_threads: torch/OpenMP threads inside each worker process (worker threads use the
+            process's torch thread count, which is process-wide: any other value is refused for them).
+        nice: how much lower the workers' CPU priority is than the trainer's, 0 (equal) to 19
+            (lowest): the worker process, or each worker thread alone (Linux; the OpenMP
+            threads it starts inherit it). With a higher nice the worker takes less of the
+            trainer's cores and its results arrive later (see the README: *Background roots:
+            how many cores*).
         timeout: seconds a step waits for a result before raising :class:`RootTimeoutError`.
         on_error: ``"raise"`` or ``"inline"`` (warn and compute in the training thread).
         compute_fn: the computation, :func:`compute_roots` unless a test injects faults.
@@ -488,6 +514,15 @@ class BackgroundRoots:
                             ("num_threads", num_threads, 1)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}")
+        if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= 19:
+            raise ValueError(f"nice must be an integer from 0 (the trainer's priority) to 19 (lowest), got {nice!r}")
+        if nice and not hasattr(os, "setpriority"):
+            raise ValueError(f"nice={nice} needs os.setpriority (Linux, macOS); this platform has none")
+        if workers == "thread" and num_threads != 1:
+            raise ValueError(
+                f"num_threads={num_threads} applies to worker processes only: a worker thread uses the process's "
+                "torch thread count (torch.set_num_threads is process-wide); use workers='process'"
+            )
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, got {timeout!r}")
         if cuda == "stream" and workers != "thread":
@@ -509,7 +544,8 @@ class BackgroundRoots:
         self._stream = torch.cuda.Stream() if cuda == "stream" and torch.cuda.is_available() else None
         calls: list[ComputeFn] = list(self._runners) or [compute_fn] * num_workers
         self._threads = [
-            threading.Thread(target=_worker_loop, args=(self._tasks, c, self._stream), daemon=True,
+            threading.Thread(target=_worker_loop, args=(self._tasks, c, self._stream, 0 if self._runners else nice),
+                             daemon=True,
                              name=f"scalable-shampoo-roots-{i}")
             for i, c in enumerate(calls)
         ]
@@ -565,6 +601,11 @@ class BackgroundRoots:
             e.future, e.snapshot = _done(o), []  # keep them pending here, with their results
         apply = [e.apply_step if self.mode == "deterministic" else self._last_step + 1 for e in self._pending]
         return _pack(self._pending, outs, apply)
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors this scheduler holds: the snapshots of jobs still pending and the roots
+        that are done but not installed yet (a job in flight also holds a batch's working memory)."""
+        return _held(self._pending)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending = _unpack(state)

@@ -25,10 +25,20 @@ root is installed. The buckets are rebuilt (re-stacked, views re-pointed) only
 when the parameters with a gradient, their plans or specs change, and after
 ``load_state_dict`` or ``add_param_group``: lr, β₁, ε, weight decay or momentum
 (which a scheduler may change every step) never rebuild anything.
+
+**Memory.** Statistics and roots are stored once, in the stacks (the state entries
+view them). A bucket is worked on in *chunks* of consecutive rows of at most
+:data:`CHUNK_ELEMENTS` elements (at least one unit: a block, or one slice along the
+first tile axis of a parameter gathered with one strided copy), and every chunk
+of every bucket works in the same three scratch buffers (``x``, ``d``, ``mid``) of
+:class:`Scratch`, sized to the largest chunk. So the scratch kept between steps is
+3 chunks, not 4 stacks the size of the parameters. Every row's math is unchanged
+(batched matmuls compute each row alone), so chunking changes no bit.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -40,7 +50,11 @@ from .grafting import grafted_direction
 from .kronecker import accumulate_statistics_
 from .state import root_key, stat_key
 
-__all__ = ["Bucket", "Buckets", "Entry", "Spec"]
+__all__ = ["CHUNK_ELEMENTS", "Bucket", "Buckets", "Entry", "Scratch", "Spec"]
+
+# A bucket is gathered, preconditioned and scattered in chunks of rows of at most this
+# many elements (1 MiB in fp32), or one unit where a unit is larger (see ``Bucket._plan_chunks``).
+CHUNK_ELEMENTS = 1 << 18
 
 
 class Spec(NamedTuple):
@@ -71,6 +85,10 @@ class Member:
     blocks: list[int]
     lo: int
     tiled: bool  # all the parameter's blocks, all equal: gathered with one strided copy
+    # the member's rows in units that a chunk never cuts: a tiled member's slices along its first
+    # tile axis (``per`` rows each), else its blocks one by one (``per`` = 1)
+    units: int = 0
+    per: int = 1
 
     def tiles(self, t: Tensor, block: tuple[int, ...]) -> Tensor:
         """A view ``[c₀, c₁, …, s₀, s₁, …]`` of the blocks of ``t`` (tiled members only)."""
@@ -79,20 +97,54 @@ class Member:
         return t.view(split).permute(*range(0, 2 * k, 2), *range(1, 2 * k, 2))
 
 
+class Chunk(NamedTuple):
+    """Rows ``lo … hi-1`` of a bucket: ``pieces`` are (member, first unit, end unit), in row order."""
+
+    lo: int
+    hi: int
+    pieces: list[tuple[Member, int, int]]
+
+
+class Scratch:
+    """The work buffers that every chunk of every bucket reuses, kept between steps (a fresh
+    large tensor costs page faults on every touch on a CPU). One flat buffer per name, dtype
+    and device, sized at :meth:`Buckets.bind` to the largest chunk; a chunk takes a view of
+    its front. Three names: ``x`` (the gathered G, then Ĝ, then P), ``d`` (D) and ``mid`` (R₀·Ĝ)."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+        self.buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def resize(self, sizes: dict[tuple[torch.dtype, torch.device], int]) -> None:
+        """Set the elements each buffer will have; buffers of another size are dropped."""
+        self.sizes = sizes
+        self.buffers = {k: b for k, b in self.buffers.items() if b.numel() == sizes.get(k[1:])}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A ``shape`` view of buffer ``name`` (its contents are whatever the last user left)."""
+        n, key = math.prod(shape), (name, dtype, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            size = max(n, self.sizes.get((dtype, device), 0))
+            buf = self.buffers[key] = torch.empty(size, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
 class Bucket:
     """Equal blocks of any number of parameters, with stacked statistics and roots."""
 
-    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], spec: Spec, keep_scratch: bool = True) -> None:
-        self.shape, self.axes, self.spec, self.keep_scratch = shape, axes, spec, keep_scratch
+    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], spec: Spec) -> None:
+        self.shape, self.axes, self.spec = shape, axes, spec
         self.dtype, self.device = spec.dtype, spec.device
         self.members: list[Member] = []
         self.rows = 0
+        self.chunks: list[Chunk] = []
         self.stats: dict[int, Tensor] = {}
         self.roots: dict[int, Tensor] = {}
         self.installed: list[set[int]] = []  # per row: the axes with a root
         self.ready = 0  # rows with a root on every axis
         self._mask: Tensor | None = None
-        self._work: dict[str, Tensor] = {}
+        self._ready_rows: list[int] = []  # per chunk: its rows with a root on every axis
 
     # ---------------------------------------------------------------- layout
     def build(self, state: Any) -> None:
@@ -113,6 +165,34 @@ class Bucket:
                         st[root_key(b, a)] = self.roots[a][row]
                         self.installed[row].add(a)
         self.ready = sum(len(s) == len(self.axes) for s in self.installed)
+        self._plan_chunks()
+
+    def _plan_chunks(self) -> None:
+        """Cut the rows into chunks of at most CHUNK_ELEMENTS elements, never inside a unit
+        (a unit larger than that is a chunk of its own)."""
+        limit = max(1, CHUNK_ELEMENTS // math.prod(self.shape))  # rows
+        self.chunks = []
+        pieces: list[tuple[Member, int, int]] = []
+        lo = rows = 0
+        for m in self.members:
+            u = 0
+            while u < m.units:
+                take = min(m.units - u, (limit - rows) // m.per)
+                if take <= 0:
+                    if rows:  # this chunk is full: the unit starts the next one
+                        self.chunks.append(Chunk(lo, lo + rows, pieces))
+                        pieces, lo, rows = [], lo + rows, 0
+                        continue
+                    take = 1
+                pieces.append((m, u, u + take))
+                rows, u = rows + take * m.per, u + take
+        if rows:
+            self.chunks.append(Chunk(lo, lo + rows, pieces))
+        self._mask = None
+
+    def largest_chunk(self) -> int:
+        """Elements of the largest chunk (what the scratch buffers must hold)."""
+        return max((c.hi - c.lo for c in self.chunks), default=0) * math.prod(self.shape)
 
     def release(self, state: Any) -> None:
         """Give every state entry that is still a view of these stacks its own storage."""
@@ -142,62 +222,81 @@ class Bucket:
             flags = [len(s) == len(self.axes) for s in self.installed]
             shape = (self.rows,) + (1,) * len(self.shape)
             self._mask = torch.tensor(flags, device=self.device).view(shape)
+            self._ready_rows = [sum(flags[c.lo : c.hi]) for c in self.chunks]
         return self._mask
 
     # ---------------------------------------------------------------- gather / scatter
-    def work(self, name: str) -> Tensor:
-        """A ``[B, *block]`` scratch stack, kept between steps on a CPU (a fresh large tensor
-        costs page faults on every touch; CUDA's allocator recycles memory anyway)."""
-        if self.device.type != "cpu" or not self.keep_scratch:
-            return torch.empty((self.rows, *self.shape), dtype=self.dtype, device=self.device)
-        if name not in self._work:
-            self._work[name] = torch.empty((self.rows, *self.shape), dtype=self.dtype, device=self.device)
-        return self._work[name]
+    def _contiguous(self, tensors: list[Tensor]) -> dict[int, Tensor]:
+        """The members' tensors, each made contiguous once for all the chunks."""
+        return {m.pos: tensors[m.pos].contiguous() for m in self.members}
 
-    def gather(self, tensors: list[Tensor], buf: Tensor) -> Tensor:
-        """Fill ``buf`` with the ``[B, *block]`` stack of the members' blocks of ``tensors[pos]``."""
-        self._copy(buf, [tensors[m.pos].contiguous() for m in self.members], into_stack=True)
+    def gather(self, chunk: Chunk, tensors: dict[int, Tensor], buf: Tensor) -> Tensor:
+        """Fill ``buf`` with the ``[rows, *block]`` stack of the chunk's blocks of ``tensors[pos]``."""
+        self._copy(chunk, buf, tensors, into_stack=True)
         return buf
 
-    def scatter(self, stack: Tensor, outs: list[Tensor]) -> None:
+    def scatter(self, chunk: Chunk, stack: Tensor, outs: list[Tensor]) -> None:
         """Write each row of ``stack`` into its block of ``outs[pos]`` (contiguous tensors)."""
-        self._copy(stack, [outs[m.pos] for m in self.members], into_stack=False)
+        self._copy(chunk, stack, {m.pos: outs[m.pos] for m, _, _ in chunk.pieces}, into_stack=False)
 
-    def _copy(self, stack: Tensor, tensors: list[Tensor], into_stack: bool) -> None:
-        """Copy between the rows of ``stack`` and the members' blocks of ``tensors`` (one per member)."""
+    def _copy(self, chunk: Chunk, stack: Tensor, tensors: dict[int, Tensor], into_stack: bool) -> None:
+        """Copy between the rows of ``stack`` (the chunk's) and their blocks of ``tensors[pos]``."""
         rows, blocks = [], []
-        for m, t in zip(self.members, tensors):
-            if m.tiled:  # one strided copy for all of the member's blocks
-                tiles, part = m.tiles(t, self.shape), stack[m.lo : m.lo + len(m.blocks)]
-                part.view(tiles.shape).copy_(tiles) if into_stack else tiles.copy_(part.view(tiles.shape))
+        for m, u0, u1 in chunk.pieces:
+            t, r0 = tensors[m.pos], m.lo + u0 * m.per - chunk.lo
+            if m.tiled:  # one strided copy for the piece's slices of the member's blocks
+                tiles = m.tiles(t, self.shape)[u0:u1]
+                part = stack[r0 : r0 + (u1 - u0) * m.per].view(tiles.shape)
+                part.copy_(tiles) if into_stack else tiles.copy_(part)
             else:  # views of the member's blocks only (a bucket per block must not cut them all)
                 merged = t.view(m.plan.merged)
-                rows += [stack[row] for row in range(m.lo, m.lo + len(m.blocks))]
-                blocks += [merged[m.plan.blocks[b].index] for b in m.blocks]
+                rows += [stack[r0 + i] for i in range(u1 - u0)]
+                blocks += [merged[m.plan.blocks[m.blocks[u]].index] for u in range(u0, u1)]
         if rows:
             torch._foreach_copy_(rows, blocks) if into_stack else torch._foreach_copy_(blocks, rows)
 
     # ---------------------------------------------------------------- the math
-    def update_statistics(self, grads: list[Tensor]) -> Tensor:
-        """H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ for every block; returns the gathered G (a scratch stack)."""
-        g = self.gather(grads, self.work("g"))
-        for a in self.axes:
-            accumulate_statistics_(self.stats[a], g, a, self.spec.beta2)
-        return g
+    def _buf(self, scratch: Scratch, name: str, chunk: Chunk) -> Tensor:
+        return scratch.get(name, (chunk.hi - chunk.lo, *self.shape), self.dtype, self.device)
 
-    def direction(self, x: Tensor, d: Tensor) -> Tensor:
-        """P for every block: preconditioned and rescaled where the block has roots, else D.
+    def update_statistics(self, grads: list[Tensor], scratch: Scratch) -> None:
+        """H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ for every block, chunk by chunk."""
+        ts = self._contiguous(grads)
+        for c in self.chunks:
+            g = self.gather(c, ts, self._buf(scratch, "x", c))
+            for a in self.axes:
+                accumulate_statistics_(self.stats[a][c.lo : c.hi], g, a, self.spec.beta2)
 
-        ``x`` (Ĝ) and ``d`` (D) are this step's gathered stacks; ``x`` is overwritten.
-        """
-        work = (self.work("mid"), self.work("pre")) if self.device.type == "cpu" else None
-        roots = {a: r.to(x.dtype) for a, r in self.roots.items()}  # the same tensors unless stored in bf16
-        if self.spec.rescale and x is d:  # x is scaled in place: keep D
-            d = self.work("d").copy_(x)
-        pre = grafted_direction(x, d, roots, self.spec.rescale, work)
-        if self.ready == self.rows:
-            return pre
-        return torch.where(self.mask(), pre, d, out=pre)
+    def precondition(self, xs: list[Tensor], ds: list[Tensor], outs: list[Tensor], scratch: Scratch) -> None:
+        """Write P into ``outs`` for the blocks with roots, chunk by chunk (the others keep D)."""
+        mask = self.mask()
+        same = all(ds[m.pos] is xs[m.pos] for m in self.members)
+        xt = self._contiguous(xs)
+        dt = xt if same else self._contiguous(ds)
+        for c, ready in zip(self.chunks, self._ready_rows):
+            if not ready:
+                continue
+            x = self.gather(c, xt, self._buf(scratch, "x", c))
+            if not same:
+                d = self.gather(c, dt, self._buf(scratch, "d", c))
+            elif self.spec.rescale or ready < c.hi - c.lo:  # x receives P: keep D apart
+                d = self._buf(scratch, "d", c).copy_(x)
+            else:
+                d = x  # not read
+            pre = self.direction(c, x, d, scratch)
+            if ready < c.hi - c.lo:  # P = D where a block has no roots yet
+                pre = torch.where(mask[c.lo : c.hi], pre, d, out=pre)
+            self.scatter(c, pre, outs)
+
+    def direction(self, chunk: Chunk, x: Tensor, d: Tensor, scratch: Scratch) -> Tensor:
+        """P for the chunk's blocks, preconditioned and rescaled as if every block had roots.
+
+        ``x`` (Ĝ) and ``d`` (D) are the chunk's gathered stacks, ``d`` not ``x`` where it is
+        read (with rescaling); ``x`` is overwritten and receives P of a matrix block
+        (R₀·Ĝ goes to the ``mid`` buffer first)."""
+        work = (self._buf(scratch, "mid", chunk), x)
+        roots = {a: r[chunk.lo : chunk.hi].to(x.dtype) for a, r in self.roots.items()}  # views unless bf16
+        return grafted_direction(x, d, roots, self.spec.rescale, work)
 
 
 class Buckets:
@@ -208,13 +307,21 @@ class Buckets:
         self.signature: list[tuple[Any, ...]] | None = None
         self.where: dict[tuple[int, int], tuple[Bucket, int]] = {}  # (id(p), block) → (bucket, row)
         self.builds = 0  # how many times the buckets were (re)built
+        self.work = Scratch()  # shared by every chunk of every bucket
 
     def invalidate(self) -> None:
         self.signature = None
 
     def scratch(self) -> list[Tensor]:
-        """The scratch stacks kept between steps (for the memory report)."""
-        return [t for bucket in self.buckets for t in bucket._work.values()]
+        """The scratch buffers kept between steps (for the memory report)."""
+        return list(self.work.buffers.values())
+
+    def stacks(self) -> list[tuple[str, Tensor]]:
+        """(kind, tensor) of every bucket's stacks and mask, for the memory report: a roots
+        stack is allocated whole when the bucket is built, before any root is installed."""
+        masks = [("other", b._mask) for b in self.buckets if b._mask is not None]
+        return [(kind, t) for b in self.buckets for kind, d in (("statistics", b.stats), ("roots", b.roots))
+                for t in d.values()] + masks  # fmt: skip
 
     def bind(self, state: Any, entries: list[Entry], batched: bool) -> None:
         """Stack the blocks of ``entries`` (this step's parameters with a gradient) and make
@@ -236,8 +343,12 @@ class Buckets:
                     key = (blk.shape, blk.axes, e.spec)
                     per_bucket.setdefault(key if batched else (*key, pos, b), []).append(b)
             for key, blocks in per_bucket.items():
-                bucket = found.get(key) or found.setdefault(key, Bucket(*key[:3], keep_scratch=batched))
-                bucket.members.append(Member(pos, e.p, e.plan, blocks, bucket.rows, tiled and batched))
+                bucket = found.get(key) or found.setdefault(key, Bucket(*key[:3]))
+                m = Member(pos, e.p, e.plan, blocks, bucket.rows, tiled and batched, units=len(blocks))
+                if m.tiled:  # units: slices along the first tile axis
+                    counts = [d // s for d, s in zip(e.plan.merged, key[0])]
+                    m.units, m.per = counts[0], math.prod(counts[1:])
+                bucket.members.append(m)
                 bucket.rows += len(blocks)
         self.buckets = list(found.values())
         self.where = {}
@@ -245,6 +356,11 @@ class Buckets:
             bucket.build(state)
             for m in bucket.members:
                 self.where |= {(id(m.p), b): (bucket, row) for row, b in enumerate(m.blocks, m.lo)}
+        sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+        for bucket in self.buckets:
+            at = (bucket.dtype, bucket.device)
+            sizes[at] = max(sizes.get(at, 0), bucket.largest_chunk())
+        self.work.resize(sizes)
         self.signature = signature
         self.builds += 1
 
@@ -253,25 +369,19 @@ class Buckets:
         found = self.where.get((id(p), block))
         return found[0].install(found[1], axis, root) if found is not None else None
 
-    def update_statistics(self, grads: list[Tensor]) -> list[Tensor]:
-        """H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ for every bucketed block; the gathered G of each bucket."""
-        return [bucket.update_statistics(grads) for bucket in self.buckets]
+    def update_statistics(self, grads: list[Tensor]) -> None:
+        """H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ for every bucketed block."""
+        for bucket in self.buckets:
+            bucket.update_statistics(grads, self.work)
 
-    def directions(
-        self, gathered: list[Tensor], grads: list[Tensor], xs: list[Tensor], ds: list[Tensor]
-    ) -> list[Tensor]:
+    def directions(self, grads: list[Tensor], xs: list[Tensor], ds: list[Tensor]) -> list[Tensor]:
         """P of every parameter: D, with P written into the blocks that have roots.
 
-        ``gathered``: G per bucket, from :meth:`update_statistics`. Buckets hold disjoint
-        blocks, so one bucket's writes never change what another gathers."""
+        Buckets (and chunks) hold disjoint blocks, so one's writes never change what
+        another gathers."""
         # contiguous, and never the gradient itself: P is written into them
         outs = [d.clone(memory_format=torch.contiguous_format) if d is g else d.contiguous() for d, g in zip(ds, grads)]
-        for bucket, g in zip(self.buckets, gathered, strict=True):
-            if not bucket.ready:
-                continue
-            same_x = all(xs[m.pos] is grads[m.pos] for m in bucket.members)
-            # x may take g's stack: the statistics are done with it
-            x = g if same_x else bucket.gather(xs, bucket.work("g"))
-            d = x if all(ds[m.pos] is xs[m.pos] for m in bucket.members) else bucket.gather(ds, bucket.work("d"))
-            bucket.scatter(bucket.direction(x, d), outs)
+        for bucket in self.buckets:
+            if bucket.ready:
+                bucket.precondition(xs, ds, outs, self.work)
         return outs

@@ -65,8 +65,9 @@ def stacked_precondition(
 ) -> Tensor:
     """``precondition`` of every block of a stack ``[B, *block]`` by root stacks ``[B, n, n]``.
 
-    ``work``: two scratch stacks shaped like ``g`` (not ``g`` itself) that receive, for
-    a two-sided matrix block, ``R₀·G`` and the result, instead of new tensors.
+    ``work``: two scratch stacks shaped like ``g`` that receive, for a two-sided matrix
+    block, ``R₀·G`` and the result, instead of new tensors. The first must not be ``g``;
+    the second may be (``g`` is read by the first product only).
     """
     if g.dim() == 3 and len(roots) == 2:
         if work is None:

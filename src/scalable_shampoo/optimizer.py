@@ -472,7 +472,7 @@ class Shampoo(torch.optim.Optimizer):
         steps = self._count_steps(params)
         self._buckets.bind(self.state, self._entries(params, grads), self.batched)
         # L_i ← β₂·L_i + w·G₍ᵢ₎G₍ᵢ₎ᵀ, per block and axis
-        gathered = self._buckets.update_statistics(grads)
+        self._buckets.update_statistics(grads)
         # every N steps: roots (collected here, computed by the scheduler)
         jobs = [job for (i, group, p, _), t in zip(params, steps) for job in self._due_roots(i, p, group, t)]
         # roots L^(-1/p): inline, or results of earlier background jobs that apply now
@@ -480,7 +480,7 @@ class Shampoo(torch.optim.Optimizer):
         # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ);  D ← graft(Ĝ)
         xs, ds = self._graft(params, grads, steps)
         # P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖D‖/‖P‖  (P = D for a block without roots)
-        directions = self._buckets.directions(gathered, grads, xs, ds)
+        directions = self._buckets.directions(grads, xs, ds)
         # B ← μB + P
         directions = self._momentum(params, directions)
         if self._sharding is not None:  # every rank gets every update: one all_gather

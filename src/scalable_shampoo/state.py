@@ -425,8 +425,14 @@ _KINDS = {"stat.": "statistics", "root.": "roots", "exp_avg": "first_moment", "g
 
 def memory(opt: Shampoo) -> dict[str, int]:
     """Bytes of optimizer state by kind, and the parameters' bytes, counting each storage once
-    (batched statistics and roots live in per-bucket stacks that the state entries view)."""
-    out = dict.fromkeys([*_KINDS.values(), "other", "scratch", "parameters"], 0)
+    (batched statistics and roots live in per-bucket stacks that the state entries view).
+
+    Every tensor the optimizer keeps between steps is counted: the state entries, the whole
+    stacks (a roots stack exists before its first root), the engine's masks (``other``) and
+    scratch buffers, and the scheduler's snapshots and roots not installed yet
+    (``pending_roots``). Not counted: tensors that live only inside a step, and a background
+    worker's working memory while it computes."""
+    out = dict.fromkeys([*_KINDS.values(), "other", "pending_roots", "scratch", "parameters"], 0)
     seen: set[int] = set()
 
     def add(kind: str, t: torch.Tensor) -> None:
@@ -439,7 +445,12 @@ def memory(opt: Shampoo) -> dict[str, int]:
         for key, value in state.items():
             if torch.is_tensor(value):
                 add(next((kind for prefix, kind in _KINDS.items() if key.startswith(prefix)), "other"), value)
+    for kind, stack in opt._buckets.stacks():  # the whole stacks (a roots stack before its first root too)
+        add(kind, stack)
     for scratch in opt._buckets.scratch():
         add("scratch", scratch)
+    held = getattr(opt.scheduler, "tensors", None)  # a scheduler of the library's; others may hold none
+    for t in held() if callable(held) else []:
+        add("pending_roots", t)
     out["parameters"] = sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
     return out
