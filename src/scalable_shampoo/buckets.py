@@ -36,11 +36,12 @@ import torch
 from torch import Tensor
 
 from .blocks import BlockPlan
-from .grafting import grafted_direction
+from .eigen import corrected_direction
+from .grafting import grafted_direction, rescale_
 from .kronecker import accumulate_statistics_
-from .state import root_key, stat_key
+from .state import basis_key, root_key, stat_key
 
-__all__ = ["Bucket", "Buckets", "Entry", "Spec"]
+__all__ = ["Bucket", "Buckets", "Corrected", "Entry", "Spec"]
 
 
 class Spec(NamedTuple):
@@ -51,6 +52,7 @@ class Spec(NamedTuple):
     root_dtype: torch.dtype  # the installed roots' storage (``root_storage_dtype``)
     beta2: float
     rescale: bool  # P ← P·‖D‖/‖P‖ (every grafting type but ``none``)
+    eigen_p: int = 0  # eigenvalue-corrected with V^(1/p) (``eigen.py``); 0: the root preconditioner
 
 
 class Entry(NamedTuple):
@@ -59,6 +61,16 @@ class Entry(NamedTuple):
     p: Tensor
     plan: BlockPlan
     spec: Spec
+
+
+class Corrected(NamedTuple):
+    """What an eigenvalue-corrected parameter brings to :meth:`Buckets.directions`."""
+
+    adam: Tensor  # the update with no basis (identity): Ĝ/(√V̂ + ε), Adam's
+    v: Tensor  # the stored second moment V (read only)
+    v_new: Tensor  # V's update with no basis, β₂V + w·G²; blocks with a basis are written into it
+    eps: float
+    bias: float  # (1 − β₂ᵗ)^(1/p), or 1 when β₂ = 1
 
 
 @dataclass
@@ -85,6 +97,7 @@ class Bucket:
     def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], spec: Spec, keep_scratch: bool = True) -> None:
         self.shape, self.axes, self.spec, self.keep_scratch = shape, axes, spec, keep_scratch
         self.dtype, self.device = spec.dtype, spec.device
+        self.slot = basis_key if spec.eigen_p else root_key  # the state key of what ``roots`` holds
         self.members: list[Member] = []
         self.rows = 0
         self.stats: dict[int, Tensor] = {}
@@ -108,9 +121,9 @@ class Bucket:
                     if (s := st.get(stat_key(b, a))) is not None:
                         self.stats[a][row].copy_(s)
                     st[stat_key(b, a)] = self.stats[a][row]
-                    if (r := st.get(root_key(b, a))) is not None:
+                    if (r := st.get(self.slot(b, a))) is not None:
                         self.roots[a][row].copy_(r)
-                        st[root_key(b, a)] = self.roots[a][row]
+                        st[self.slot(b, a)] = self.roots[a][row]
                         self.installed[row].add(a)
         self.ready = sum(len(s) == len(self.axes) for s in self.installed)
 
@@ -121,7 +134,7 @@ class Bucket:
             st = state.get(m.p, {})
             for b in m.blocks:
                 for a in self.axes:
-                    for key in (stat_key(b, a), root_key(b, a)):
+                    for key in (stat_key(b, a), self.slot(b, a)):
                         t = st.get(key)
                         if t is not None and any(t._base is s for s in stacks):
                             st[key] = t.clone()
@@ -199,6 +212,19 @@ class Bucket:
             return pre
         return torch.where(self.mask(), pre, d, out=pre)
 
+    def corrected(self, g: Tensor, x: Tensor, d: Tensor, v: Tensor, eps: Tensor, bias: Tensor) -> Tensor:
+        """P for every block by the eigenvalue-corrected step (``eigen.py``), V updated in ``v``;
+        rescaled to ‖D‖ per block with grafting. Rows without a full basis are the caller's."""
+        work = (self.work("mid"), self.work("pre")) if self.device.type == "cpu" else None
+        bases = {a: q.to(x.dtype) for a, q in self.roots.items()}  # the same tensors unless stored in bf16
+        pre = corrected_direction(g, x, v, bases, self.spec.beta2, bias, eps, self.spec.eigen_p, work)
+        return rescale_(pre, d) if self.spec.rescale else pre
+
+    def per_row(self, values: list[float]) -> Tensor:
+        """``[B, 1, …]``: each member's value (indexed by position) on each of its rows."""
+        rows = [values[m.pos] for m in self.members for _ in m.blocks]
+        return torch.tensor(rows, dtype=self.dtype, device=self.device).view(-1, *(1,) * len(self.shape))
+
 
 class Buckets:
     """All buckets of an optimizer, rebuilt only when what they were built from changes."""
@@ -258,16 +284,27 @@ class Buckets:
         return [bucket.update_statistics(grads) for bucket in self.buckets]
 
     def directions(
-        self, gathered: list[Tensor], grads: list[Tensor], xs: list[Tensor], ds: list[Tensor]
-    ) -> list[Tensor]:
+        self, gathered: list[Tensor], grads: list[Tensor], xs: list[Tensor], ds: list[Tensor],
+        corrected: list[Corrected | None] | None = None,
+    ) -> list[Tensor]:  # fmt: skip
         """P of every parameter: D, with P written into the blocks that have roots.
 
         ``gathered``: G per bucket, from :meth:`update_statistics`. Buckets hold disjoint
-        blocks, so one bucket's writes never change what another gathers."""
+        blocks, so one bucket's writes never change what another gathers. ``corrected``:
+        per parameter, None, or what its eigenvalue-corrected step needs; such a parameter's
+        P is ``adam``, with the corrected P written into the blocks with a full basis (and
+        their V into ``v_new``)."""
+        ec = corrected or [None] * len(grads)
         # contiguous, and never the gradient itself: P is written into them
-        outs = [d.clone(memory_format=torch.contiguous_format) if d is g else d.contiguous() for d, g in zip(ds, grads)]
+        outs = [
+            c.adam if c is not None else d.clone(memory_format=torch.contiguous_format) if d is g else d.contiguous()
+            for d, g, c in zip(ds, grads, ec)
+        ]
         for bucket, g in zip(self.buckets, gathered, strict=True):
             if not bucket.ready:
+                continue
+            if bucket.spec.eigen_p:
+                self._corrected(bucket, g, grads, xs, ds, outs, ec)
                 continue
             same_x = all(xs[m.pos] is grads[m.pos] for m in bucket.members)
             # x may take g's stack: the statistics are done with it
@@ -275,3 +312,25 @@ class Buckets:
             d = x if all(ds[m.pos] is xs[m.pos] for m in bucket.members) else bucket.gather(ds, bucket.work("d"))
             bucket.scatter(bucket.direction(x, d), outs)
         return outs
+
+    @staticmethod
+    def _corrected(
+        bucket: Bucket, g: Tensor, grads: list[Tensor], xs: list[Tensor], ds: list[Tensor], outs: list[Tensor],
+        ec: list[Corrected | None],
+    ) -> None:  # fmt: skip
+        """The eigenvalue-corrected P and V of one bucket's blocks, scattered into ``outs`` and ``v_new``."""
+        vs = [c.v if c is not None else g for c in ec]
+        v_new = [c.v_new if c is not None else g for c in ec]
+        same_x = all(xs[m.pos] is grads[m.pos] for m in bucket.members)  # β₁ = 0: Ĝ is G
+        x = g if same_x else bucket.gather(xs, bucket.work("x"))
+        d = bucket.gather(ds, bucket.work("d")) if bucket.spec.rescale else x
+        v = bucket.gather(vs, bucket.work("v"))
+        eps = bucket.per_row([c.eps if c is not None else 0.0 for c in ec])
+        bias = bucket.per_row([c.bias if c is not None else 1.0 for c in ec])
+        pre = bucket.corrected(g, x, d, v, eps, bias)
+        if bucket.ready < bucket.rows:  # rows without a full basis keep Adam's P and V
+            mask = bucket.mask()
+            pre = torch.where(mask, pre, bucket.gather(outs, bucket.work("d")))
+            v = torch.where(mask, v, bucket.gather(v_new, bucket.work("x")))
+        bucket.scatter(pre, outs)
+        bucket.scatter(v, v_new)
