@@ -317,7 +317,7 @@ def test_bad_option_values_raise_naming_them(kw, name):
 def test_grafting_default_depends_on_the_preconditioner():
     w = torch.zeros(2, 2, requires_grad=True)
     b = torch.zeros(2, requires_grad=True)
-    opt = Shampoo([{"params": [w]}, {"params": [b], "preconditioner": EC}, ])
+    opt = Shampoo([{"params": [w]}, {"params": [b], "preconditioner": EC}])
     assert [g["grafting"] for g in opt.param_groups] == ["adam", "none"]
     assert [g["preconditioner"] for g in opt.param_groups] == ["root", EC]
     opt = Shampoo([w], preconditioner=EC, grafting="adam")

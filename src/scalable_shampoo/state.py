@@ -188,10 +188,12 @@ class StateCodec:
         defaults = opt.group_defaults()
         saved_groups = [{**defaults, **s} for s in saved_groups]
         for s, g in zip(saved_groups, opt.param_groups):
+            checked = {**s, "params": g["params"]}
             try:
-                opt._validate({**s, "params": g["params"]})
+                opt._validate(checked)
             except ValueError as exc:
                 raise ValueError(f"state_dict has a bad param group setting: {exc}") from None
+            s["grafting"] = checked["grafting"]  # a default (None) resolved for the group's preconditioner
         sd["param_groups"] = saved_groups  # torch copied sd before this hook: the caller's dict is untouched
         params = chain.from_iterable(g["params"] for g in opt.param_groups)
         saved = list(chain.from_iterable(zip(s["params"], [s] * len(s["params"])) for s in saved_groups))
