@@ -33,10 +33,11 @@ def rotate(g: torch.Tensor, qs: list[torch.Tensor | None], back: bool) -> torch.
     return g
 
 
-def reference_ec(w0, grads, *, lr, b1, b2, eps, wd, every, start, axes, p=2):
+def reference_ec(w0, grads, *, lr, b1, b2, eps, wd, every, start, axes, p=2, rotated_m=False):
     """From-scratch eigenvalue-corrected Shampoo for one tensor that is one block: statistics
     H_a ← β₂H_a + (1−β₂)G₍ₐ₎G₍ₐ₎ᵀ on ``axes``, eigh bases at steps start, start+every, …,
-    V ← β₂V + (1−β₂)G̃², P = (M̂ ×ᵢ Q_iᵀ)/(V̂^(1/p) + ε) ×ᵢ Q_i, decoupled weight decay."""
+    V ← β₂V + (1−β₂)G̃², P = (M̂ ×ᵢ Q_iᵀ)/(V̂^(1/p) + ε) ×ᵢ Q_i, decoupled weight decay.
+    ``rotated_m``: M̃ ← β₁M̃ + (1−β₁)G̃ kept in the basis (as V, not re-rotated when it changes)."""
     w, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
     stats = {a: torch.zeros(w0.shape[a], w0.shape[a], dtype=w0.dtype) for a in axes}
     qs: list[torch.Tensor | None] = [None] * w0.dim()
@@ -49,8 +50,8 @@ def reference_ec(w0, grads, *, lr, b1, b2, eps, wd, every, start, axes, p=2):
                 qs[a] = torch.linalg.eigh(stats[a])[1]
         gt = rotate(g, qs, back=False)
         v = b2 * v + (1 - b2) * gt * gt
-        m = b1 * m + (1 - b1) * g
-        mt = rotate(m / (1 - b1**t), qs, back=False)
+        m = b1 * m + (1 - b1) * (gt if rotated_m else g)
+        mt = m / (1 - b1**t) if rotated_m else rotate(m / (1 - b1**t), qs, back=False)
         vhat = v / (1 - b2**t)
         root = p if any(q is not None for q in qs) else 2  # no basis yet: Adam's √
         update = rotate(mt / (vhat ** (1 / root) + eps), qs, back=True)
@@ -64,6 +65,7 @@ CASES = {  # shape, optimizer options, the axes that keep a statistic
     "order3": ((3, 4, 5), dict(merge_dims_bound=4), (0, 1, 2)),
     "one_sided": ((4, 9), dict(max_preconditioner_dim=6), (0,)),
     "exponent_4": ((4, 6), dict(exponent_override=4), (0, 1)),
+    "rotated_first_moment": ((3, 4, 5), dict(merge_dims_bound=4, first_moment_basis="rotated"), (0, 1, 2)),
 }
 
 
@@ -74,7 +76,8 @@ def test_equals_the_float64_reference(name, one_thread):
     w0 = torch.randn(shape, dtype=torch.float64, generator=g)
     grads = [torch.randn(shape, dtype=torch.float64, generator=g) for _ in range(14)]
     hp = dict(lr=0.02, b1=0.9, b2=0.95, eps=1e-8, wd=0.1, every=4, start=7)  # statistics full rank at step 7
-    expected = reference_ec(w0, grads, axes=axes, p=kw.get("exponent_override", 2), **hp)  # type: ignore[arg-type]
+    expected = reference_ec(w0, grads, axes=axes, p=kw.get("exponent_override", 2),  # type: ignore[arg-type]
+                            rotated_m="first_moment_basis" in kw, **hp)  # fmt: skip
     w = w0.clone().requires_grad_()
     opt = Shampoo([w], lr=hp["lr"], betas=(hp["b1"], hp["b2"]), eps=hp["eps"], weight_decay=hp["wd"],
                   precondition_frequency=hp["every"], start_preconditioning_step=hp["start"], block_size=8,
@@ -87,14 +90,15 @@ def test_equals_the_float64_reference(name, one_thread):
     torch.testing.assert_close(w.detach(), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_stacked_blocks_equal_one_bucket_per_block(one_thread):
+@pytest.mark.parametrize("basis", ["original", "rotated"])
+def test_stacked_blocks_equal_one_bucket_per_block(basis, one_thread):
     """Equal blocks of several parameters stacked (batched) give the per-block result, bit for bit."""
     shapes = [(8, 8), (8, 8), (6, 8), (8,), (3, 4, 5)]
 
     def run(batched: bool) -> list[torch.Tensor]:
         params = make_params(shapes, torch.float32)
         opt = Shampoo(params, lr=1e-2, block_size=4, precondition_frequency=3, start_preconditioning_step=2,
-                      preconditioner=EC, batched=batched)  # fmt: skip
+                      preconditioner=EC, first_moment_basis=basis, batched=batched)  # fmt: skip
         step_on_random_grads(params, opt, 9)
         assert any(k.startswith("basis.") for k in opt.state[params[0]])
         return params
@@ -307,6 +311,7 @@ def test_a_rejected_basis_keeps_the_previous_one(one_thread):
     (dict(preconditioner=EC, exponent_override=0), "exponent_override"),
     (dict(preconditioner=EC, grafting="adamm"), "grafting"),
     (dict(preconditioner=EC, root_storage_dtype=torch.int8), "root_storage_dtype"),
+    (dict(preconditioner=EC, first_moment_basis="eigen"), "first_moment_basis"),
 ])  # fmt: skip
 def test_bad_option_values_raise_naming_them(kw, name):
     with pytest.raises(ValueError, match=name) as info:

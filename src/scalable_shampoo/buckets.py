@@ -53,6 +53,7 @@ class Spec(NamedTuple):
     beta2: float
     rescale: bool  # P ← P·‖D‖/‖P‖ (every grafting type but ``none``)
     eigen_p: int = 0  # eigenvalue-corrected with V^(1/p) (``eigen.py``); 0: the root preconditioner
+    rotated_m: bool = False  # eigenvalue-corrected with ``first_moment_basis="rotated"``
 
 
 class Entry(NamedTuple):
@@ -71,6 +72,10 @@ class Corrected(NamedTuple):
     v_new: Tensor  # V's update with no basis, β₂V + w·G²; blocks with a basis are written into it
     eps: float
     bias: float  # (1 − β₂ᵗ)^(1/p), or 1 when β₂ = 1
+    m: Tensor | None = None  # ``first_moment_basis="rotated"``: the stored M, per block in its basis
+    m_new: Tensor | None = None  # M's update with no basis; blocks with a basis are written into it
+    beta1: float = 0.0
+    bias1: float = 1.0  # 1 − β₁ᵗ
 
 
 @dataclass
@@ -212,12 +217,16 @@ class Bucket:
             return pre
         return torch.where(self.mask(), pre, d, out=pre)
 
-    def corrected(self, g: Tensor, x: Tensor, d: Tensor, v: Tensor, eps: Tensor, bias: Tensor) -> Tensor:
-        """P for every block by the eigenvalue-corrected step (``eigen.py``), V updated in ``v``;
-        rescaled to ‖D‖ per block with grafting. Rows without a full basis are the caller's."""
+    def corrected(
+        self, g: Tensor, x: Tensor, d: Tensor, v: Tensor, eps: Tensor, bias: Tensor,
+        m: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> Tensor:  # fmt: skip
+        """P for every block by the eigenvalue-corrected step (``eigen.py``), V updated in ``v``
+        (and a rotated M in ``m``); rescaled to ‖D‖ per block with grafting. Rows without a full
+        basis are the caller's."""
         work = (self.work("mid"), self.work("pre")) if self.device.type == "cpu" else None
         bases = {a: q.to(x.dtype) for a, q in self.roots.items()}  # the same tensors unless stored in bf16
-        pre = corrected_direction(g, x, v, bases, self.spec.beta2, bias, eps, self.spec.eigen_p, work)
+        pre = corrected_direction(g, x, v, bases, self.spec.beta2, bias, eps, self.spec.eigen_p, work, m)
         return rescale_(pre, d) if self.spec.rescale else pre
 
     def per_row(self, values: list[float]) -> Tensor:
@@ -327,10 +336,20 @@ class Buckets:
         v = bucket.gather(vs, bucket.work("v"))
         eps = bucket.per_row([c.eps if c is not None else 0.0 for c in ec])
         bias = bucket.per_row([c.bias if c is not None else 1.0 for c in ec])
-        pre = bucket.corrected(g, x, d, v, eps, bias)
+        m = None
+        if bucket.spec.rotated_m:  # every member's M is in its blocks' bases
+            ms = [c.m if c is not None and c.m is not None else g for c in ec]
+            m = (bucket.gather(ms, bucket.work("m")), bucket.per_row([1 - c.beta1 if c else 1.0 for c in ec]),
+                 bucket.per_row([c.bias1 if c is not None else 1.0 for c in ec]))  # fmt: skip
+        pre = bucket.corrected(g, x, d, v, eps, bias, m)
         if bucket.ready < bucket.rows:  # rows without a full basis keep Adam's P and V
             mask = bucket.mask()
             pre = torch.where(mask, pre, bucket.gather(outs, bucket.work("d")))
             v = torch.where(mask, v, bucket.gather(v_new, bucket.work("x")))
         bucket.scatter(pre, outs)
         bucket.scatter(v, v_new)
+        if m is not None:
+            m_new = [c.m_new if c is not None and c.m_new is not None else g for c in ec]
+            if bucket.ready < bucket.rows:
+                m = (torch.where(bucket.mask(), m[0], bucket.gather(m_new, bucket.work("x"))), *m[1:])
+            bucket.scatter(m[0], m_new)

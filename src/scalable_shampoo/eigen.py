@@ -39,6 +39,7 @@ def corrected_direction(
     eps: Tensor,
     p: int,
     work: tuple[Tensor, Tensor] | None = None,
+    m: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """P for every block of a stack, and V ← β₂V + w·G̃² in place on ``v``.
 
@@ -46,11 +47,16 @@ def corrected_direction(
     β₁ = 0); ``v``: the second moments in the basis; ``bases``: ``[B, n, n]`` per rotated
     axis; ``bias``, ``eps``: per block, broadcastable to ``[B, 1, …]`` (b and ε above);
     ``work``: two scratch stacks for the last contraction (see ``stacked_precondition``).
+    ``m``: ``first_moment_basis="rotated"``: (M̃, 1 − β₁, 1 − β₁ᵗ), the last two per block;
+    M̃ ← β₁M̃ + (1−β₁)G̃ in place, and M̃/(1 − β₁ᵗ) is used instead of ``x`` rotated.
     """
     gt = stacked_rotate(g, bases)
     w = statistic_weight(beta2)
     v.mul_(beta2).addcmul_(gt, gt, value=w)
-    mt = gt if x is g else stacked_rotate(x, bases)
+    if m is not None:
+        mt = m[0].lerp_(gt, m[1]).div(m[2])
+    else:
+        mt = gt if x is g else stacked_rotate(x, bases)
     denom = v.sqrt() if p == 2 else root_power(v, p, 1)
     denom.div_(bias).add_(eps)
     return stacked_rotate(mt.div_(denom), bases, back=True, work=work)  # mt is a new tensor (≥ 1 axis rotated)

@@ -41,7 +41,7 @@ from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootSche
 from .blocks import BlockPlan, make_plan, normalize_axes
 from .buckets import Buckets, Corrected, Entry, Spec
 from .distributed import Sharding, assign_owners, param_cost
-from .functional import compiled, graft_stage_, heavy_ball_, weight_update_
+from .functional import compiled, first_moment_, graft_stage_, heavy_ball_, weight_update_
 from .grafting import GraftingType, bias_correction, graft_directions
 from .groups import PlanTable, plan_table
 from .matrix_roots import RootMethod
@@ -100,6 +100,10 @@ def _grafting(group: dict[str, Any]) -> GraftingType:
 
 def _corrected(group: dict[str, Any]) -> bool:
     return bool(group["preconditioner"] == Preconditioner.EIGENVALUE_CORRECTED.value)
+
+
+def _rotated_first_moment(group: dict[str, Any]) -> bool:
+    return _corrected(group) and group["first_moment_basis"] == "rotated" and group["betas"][0] > 0
 
 
 def _is_number(x: Any) -> bool:
@@ -200,6 +204,7 @@ class Shampoo(torch.optim.Optimizer):
         momentum: float = 0.0,
         nesterov: bool = False,
         preconditioner: Preconditioner | str = Preconditioner.ROOT,
+        first_moment_basis: str = "original",
         grafting: GraftingType | str | None = None,
         grafting_beta2: float | None = None,
         block_size: int = 1024,
@@ -226,7 +231,8 @@ class Shampoo(torch.optim.Optimizer):
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            momentum=momentum, nesterov=nesterov, preconditioner=preconditioner, grafting=grafting,
+            momentum=momentum, nesterov=nesterov, preconditioner=preconditioner,
+            first_moment_basis=first_moment_basis, grafting=grafting,
             grafting_beta2=grafting_beta2,
             block_size=block_size, max_preconditioner_dim=max_preconditioner_dim, merge_dims_bound=merge_dims_bound,
             precondition_axes=precondition_axes,
@@ -337,6 +343,8 @@ class Shampoo(torch.optim.Optimizer):
             _require(isinstance(g[name], bool), name, g[name], "True or False")
         _require(not g["nesterov"] or mom > 0, "nesterov", g["nesterov"], "False when momentum is 0")
         g["preconditioner"] = _enum_value(Preconditioner, "preconditioner", g.get("preconditioner", "root"))
+        fmb = g.get("first_moment_basis", "original")
+        _require(fmb in ("original", "rotated"), "first_moment_basis", fmb, "'original' or 'rotated'")
         if g["grafting"] is None:  # the preconditioner's default
             g["grafting"] = GraftingType.NONE.value if _corrected(g) else GraftingType.ADAM.value
         g["grafting"] = _enum_value(GraftingType, "grafting", g["grafting"])
@@ -579,7 +587,7 @@ class Shampoo(torch.optim.Optimizer):
         return [
             Entry(p, self.plan(p, group), Spec(g.dtype, g.device, group["root_storage_dtype"] or g.dtype,
                                                group["betas"][1], _grafting(group) is not GraftingType.NONE,
-                                               self._eigen_p(group)))
+                                               self._eigen_p(group), _rotated_first_moment(group)))
             for (_, group, p, _), g in zip(params, grads)
         ]  # fmt: skip
 
@@ -674,6 +682,8 @@ class Shampoo(torch.optim.Optimizer):
             beta1, kind = group["betas"][0], _grafting(group)
             gb2 = group["grafting_beta2"] if group["grafting_beta2"] is not None else group["betas"][1]
             ms = [self._buffer(p, "exp_avg", g) for p, g in zip(ps, gs)] if beta1 > 0 else []
+            if _rotated_first_moment(group):  # M is updated per block in _second_moments
+                ms = [m.clone() for m in ms]
             accs = [self._buffer(p, "graft_acc", g) for p, g in zip(ps, gs)] if kind.has_accumulator else []
             plans = [self.plan(p, group) for p in ps]
             if self.compile_elementwise and not kind.normalized:  # step counts as tensors: no recompiles
@@ -702,12 +712,18 @@ class Shampoo(torch.optim.Optimizer):
             ps, gs, ts = [params[i][2] for i in pos], [grads[i] for i in pos], [steps[i] for i in pos]
             vs = [self._buffer(p, "exp_avg_sq", g) for p, g in zip(ps, gs)]
             v_new = [v.clone() for v in vs]
-            beta2, eps, p_ = group["betas"][1], group["eps"], self._eigen_p(group)
+            (beta1, beta2), eps, p_ = group["betas"], group["eps"], self._eigen_p(group)
+            ms: list[Tensor | None] = [None] * len(pos)
+            m_new: list[Tensor | None] = [None] * len(pos)
+            if _rotated_first_moment(group):  # M per block in its basis: its identity-basis update here
+                ms = [self.state[p]["exp_avg"] for p in ps]
+                m_new = [m.clone() for m in ms]  # type: ignore[union-attr]
+                first_moment_(m_new, gs, beta1, ts)  # type: ignore[arg-type]
             adam = graft_directions(GraftingType.ADAM, gs, [xs[i] for i in pos], v_new, steps=ts, beta2=beta2,
                                     eps=eps, plans=[self.plan(p, group) for p in ps])  # fmt: skip
-            for i, t, v, vn, a in zip(pos, ts, vs, v_new, adam):
+            for i, t, v, vn, m, mn, a in zip(pos, ts, vs, v_new, ms, m_new, adam):
                 bias = float(bias_correction(beta2, t)) ** (1 / p_) if beta2 < 1 else 1.0
-                out[i] = Corrected(a, v, vn, eps, bias)
+                out[i] = Corrected(a, v, vn, eps, bias, m, mn, beta1, float(bias_correction(beta1, t)))
         return out
 
     def _keep_second_moments(self, params: list[ParamGrad], corrected: list[Corrected | None] | None) -> None:
@@ -715,6 +731,8 @@ class Shampoo(torch.optim.Optimizer):
         for (_, _, p, _), c in zip(params, corrected or []):
             if c is not None:
                 self.state[p]["exp_avg_sq"] = c.v_new
+                if c.m_new is not None:
+                    self.state[p]["exp_avg"] = c.m_new
 
     def _momentum(self, params: list[ParamGrad], directions: list[Tensor]) -> list[Tensor]:
         """B ← μB + P (B starts as P); the direction is B, or P + μB with Nesterov."""
