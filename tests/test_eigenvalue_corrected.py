@@ -8,10 +8,14 @@ eigenbasis fallback chain, and bad option values.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import make_params, step_on_random_grads
 from torch import nn
 
@@ -235,6 +239,35 @@ def test_bf16_basis_storage_halves_the_basis_and_keeps_training(one_thread):
     assert not same(full, half)
     for a, b in zip(full.parameters(), half.parameters()):
         torch.testing.assert_close(a, b, rtol=0.05, atol=2e-3)
+
+
+def zero1_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))  # fmt: skip
+    torch.set_num_threads(1)
+    m, ref = model(), model()
+    opt = ec_opt(m, BackgroundRoots(delay=2, workers="thread"))  # the default group: ZeRO-1 across the ranks
+    ref_opt = ec_opt(ref, InlineRoots(delay=2), process_group=None)  # one process's
+    fit(m, opt, 0, 10)  # the same batches on every rank: the same gradients
+    fit(ref, ref_opt, 0, 10)
+    assert same(m, ref)
+    owned = [p for p in m.parameters() if p in opt.state]
+    bases = sum(k.startswith("basis.") for p in owned for k in opt.state[p])
+    torch.save({"params": [p.detach() for p in m.parameters()], "bases": bases, "owned": len(owned)},
+               os.path.join(out_dir, f"{rank}.pt"))  # fmt: skip
+    opt.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_bases_split_across_ranks_equal_one_process_bitwise(tmp_path):
+    """ZeRO-1 on 2 gloo processes, bases in deterministic background: each rank computes its own
+    parameters' bases, and the weights equal one process's inline run with the same delay."""
+    mp.spawn(zero1_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], results[1]["params"]))
+    assert all(r["bases"] > 0 for r in results) and sum(r["owned"] for r in results) == 4
 
 
 # ---------------------------------------------------------------- the eigenbasis and its fallbacks
