@@ -13,6 +13,11 @@ handful of batched ops per bucket, each formula from ``kronecker.py`` or
     P ← D where a block has no roots yet          the has-root mask
     scatter(P)                                   one copy back
 
+With ``preconditioner="eigenvalue_corrected"`` the roots stacks hold the bases Q (state
+``basis.{b}.{a}``) and :meth:`Buckets.directions` runs ``eigen.py``'s step instead of the
+contraction: G̃ = G ×ₐ Q_aᵀ, V ← β₂V + w·G̃², P = (Ĝ ×ₐ Q_aᵀ)/(√V̂ + ε) ×ₐ Q_a, with V
+gathered from and scattered back to the per-parameter ``exp_avg_sq``.
+
 ``batched=False`` gives every block a bucket of its own (a stack of one): the
 per-block reference that the stacking is tested against runs the same code.
 
