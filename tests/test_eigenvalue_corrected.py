@@ -360,3 +360,18 @@ def test_grafting_default_depends_on_the_preconditioner():
     assert [g["preconditioner"] for g in opt.param_groups] == ["root", EC]
     opt = Shampoo([w], preconditioner=EC, grafting="adam")
     assert opt.param_groups[0]["grafting"] == "adam"
+
+
+def test_a_root_group_beside_an_eigenvalue_corrected_group_is_unchanged(one_thread):
+    """Param groups choose their preconditioner: the root group's parameters step exactly as in
+    an optimizer without the other group."""
+    shapes = [(8, 8), (8, 8), (6,)]
+    both, alone = make_params(shapes, torch.float32), make_params(shapes, torch.float32)
+    kw = dict(lr=1e-2, block_size=4, precondition_frequency=3, start_preconditioning_step=2)
+    opt = Shampoo([{"params": both[:1]}, {"params": both[1:], "preconditioner": EC}], **kw)  # type: ignore[arg-type]
+    ref = Shampoo(alone[:1], **kw)  # type: ignore[arg-type]
+    step_on_random_grads(both, opt, 8)
+    step_on_random_grads(alone, ref, 8, drop=lambda t, i: i > 0)
+    assert torch.equal(both[0], alone[0])
+    assert "root.0.0" in opt.state[both[0]] and "basis.0.0" in opt.state[both[1]]
+    assert "graft_acc" in opt.state[both[0]] and "exp_avg_sq" in opt.state[both[2]]
