@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scalable_shampoo import Shampoo, param_groups_for
+from scalable_shampoo import BackgroundRoots, Shampoo, param_groups_for
 
 OPTIMIZERS = ("shampoo", "adamw", "sgd", "shampoo_bf16roots", "shampoo_full_tables")
 SGD_WEIGHT_DECAY = 5e-4  # L2 (coupled), the usual value for SGD on image models
@@ -19,7 +19,10 @@ def shampoo_variant(name: str) -> dict[str, Any] | None:
     """``shampoo[key=value;key=value]`` → Shampoo's keyword arguments (None for any other name).
 
     For knob investigations: ``--optimizers "shampoo,shampoo[precondition_frequency=10]"``.
-    Values are Python literals (``block_size=256``, ``betas=(0.9,0.99)``).
+    Values are Python literals (``block_size=256``, ``betas=(0.9,0.99)``). Three keys are
+    not Shampoo's: ``scheduler='latency'`` or ``'deterministic'`` computes the roots (or
+    bases) on a background thread (``BackgroundRoots``), with ``max_staleness`` (default
+    ``precondition_frequency``) or ``delay`` (default 1) beside it (see :func:`make_optimizer`).
     """
     if not (name.startswith("shampoo[") and name.endswith("]")):
         return None
@@ -58,7 +61,7 @@ def make_optimizer(
         return Shampoo(params, lr=lr, weight_decay=weight_decay)
     variant = shampoo_variant(name)
     if variant is not None:
-        return Shampoo(params, **{"lr": lr, "weight_decay": weight_decay, **variant})
+        return Shampoo(params, **{"lr": lr, "weight_decay": weight_decay, **_with_scheduler(variant)})
     if name == "shampoo_bf16roots":
         return Shampoo(params, lr=lr, weight_decay=weight_decay, root_storage_dtype=torch.bfloat16)
     if name == "adamw":
@@ -66,6 +69,24 @@ def make_optimizer(
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=SGD_WEIGHT_DECAY)
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def _with_scheduler(variant: dict[str, Any]) -> dict[str, Any]:
+    """A variant's ``scheduler='latency'|'deterministic'`` (+ ``max_staleness``/``delay``) as a
+    ``BackgroundRoots`` on one thread worker; other keys pass through to Shampoo."""
+    kw = dict(variant)
+    mode = kw.pop("scheduler", None)
+    staleness, delay = kw.pop("max_staleness", None), kw.pop("delay", 1)
+    if mode is None:
+        if staleness is not None or "delay" in variant:
+            raise ValueError("max_staleness and delay go with scheduler='latency' or 'deterministic'")
+        return kw
+    if mode not in ("latency", "deterministic"):
+        raise ValueError(f"scheduler must be 'latency' or 'deterministic', got {mode!r}")
+    every = kw.get("precondition_frequency", Shampoo.group_defaults()["precondition_frequency"])
+    staleness = every if staleness is None else staleness
+    kw["scheduler"] = BackgroundRoots(mode, delay=delay, max_staleness=staleness, workers="thread")
+    return kw
 
 
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:

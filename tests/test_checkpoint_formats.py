@@ -106,7 +106,11 @@ def test_todays_code_still_writes_its_frozen_file() -> None:
     mk.train(opt, params, 1, mk.STEPS)
     fresh, old = written_today(opt), frozen["optimizer"]
     assert fresh[TOP_KEY] == old[TOP_KEY]
-    assert fresh["param_groups"] == old["param_groups"]
+    defaults = Shampoo.group_defaults()  # a setting added since the file was frozen is written at its default
+    assert [{k: v for k, v in g.items() if k in o} for g, o in zip(fresh["param_groups"], old["param_groups"])] == old[
+        "param_groups"
+    ]
+    assert all(g[k] == defaults[k] for g, o in zip(fresh["param_groups"], old["param_groups"]) for k in g if k not in o)
     assert fresh["state"].keys() == old["state"].keys()
     for pid in fresh["state"]:
         assert fresh["state"][pid].keys() == old["state"][pid].keys()

@@ -4,7 +4,7 @@ from .background import BackgroundRoots, InlineRoots, RootScheduler
 from .grafting import GraftingType
 from .groups import PlanTable, param_groups_for
 from .matrix_roots import RootMethod, inverse_root
-from .optimizer import NonFiniteGrad, Shampoo
+from .optimizer import NonFiniteGrad, Preconditioner, Shampoo
 from .state import FORMAT_VERSION, atomic_save
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "InlineRoots",
     "NonFiniteGrad",
     "PlanTable",
+    "Preconditioner",
     "RootMethod",
     "RootScheduler",
     "Shampoo",

@@ -77,7 +77,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .matrix_roots import RootMethod, inverse_root
+from .matrix_roots import RootMethod, eigenbasis, inverse_root
 
 __all__ = [
     "BackgroundRoots",
@@ -105,6 +105,7 @@ class RootOptions:
     retries: int
     newton_max_iters: int
     newton_tol: float
+    eigenbasis: bool = False  # the job's result is the eigenvector matrix Q (eigenvalue-corrected), not a root
 
 
 @dataclass
@@ -159,6 +160,10 @@ atexit.register(_at_exit)
 def compute_roots(jobs: list[RootJob]) -> list[RootOutcome]:
     """Compute every job's root, batching the matrices that share size, p and options.
 
+    A job whose options ask for an ``eigenbasis`` (the eigenvalue-corrected
+    preconditioner) gets the eigenvectors of its statistic instead
+    (:func:`~scalable_shampoo.matrix_roots.eigenbasis`), through the same batches.
+
     A batch holds at most 1/``ROOT_BATCHES`` of its group's matrices: the working
     memory (the stacked batch, its damped copy, eigenvectors, the root, fallbacks:
     ~7 copies of a batch) then stays near one extra copy of the statistics being
@@ -178,18 +183,23 @@ def compute_roots(jobs: list[RootJob]) -> list[RootOutcome]:
     for (opts, exponent, _, _, _), batch in chunks:
         if _EXITING.is_set() and threading.current_thread() is not threading.main_thread():
             raise _Stopped("the interpreter is exiting")
-        res = inverse_root(
-            torch.stack([j.matrix for j in batch]),
-            exponent,
-            eps=opts.eps,
-            relative_eps=opts.relative_eps,
-            method=opts.method,
-            dtype=opts.dtype,
-            max_residual=opts.max_residual,
-            retries=opts.retries,
-            newton_max_iters=opts.newton_max_iters,
-            newton_tol=opts.newton_tol,
-        )
+        stack = torch.stack([j.matrix for j in batch])
+        if opts.eigenbasis:
+            res = eigenbasis(stack, eps=opts.eps, relative_eps=opts.relative_eps, dtype=opts.dtype,
+                             max_residual=opts.max_residual, retries=opts.retries)  # fmt: skip
+        else:
+            res = inverse_root(
+                stack,
+                exponent,
+                eps=opts.eps,
+                relative_eps=opts.relative_eps,
+                method=opts.method,
+                dtype=opts.dtype,
+                max_residual=opts.max_residual,
+                retries=opts.retries,
+                newton_max_iters=opts.newton_max_iters,
+                newton_tol=opts.newton_tol,
+            )
         info = torch.stack([res.residual, res.eps, res.lambda_max, res.stage.to(res.eps.dtype)], -1)
         for job, root, (residual, eps, lam, stage) in zip(batch, res.root.unbind(), info.tolist(), strict=True):
             ok = stage >= 0  # the fallback stage that gave the root, or -1

@@ -13,6 +13,11 @@ handful of batched ops per bucket, each formula from ``kronecker.py`` or
     P ← D where a block has no roots yet          the has-root mask
     scatter(P)                                   one copy back
 
+With ``preconditioner="eigenvalue_corrected"`` the roots stacks hold the bases Q (state
+``basis.{b}.{a}``) and :meth:`Bucket.correct` runs ``eigen.py``'s step instead of the
+contraction: G̃ = G ×ₐ Q_aᵀ, V ← β₂V + w·G̃², P = (Ĝ ×ₐ Q_aᵀ)/(√V̂ + ε) ×ₐ Q_a, with V
+gathered from and scattered back to the per-parameter ``exp_avg_sq``.
+
 ``batched=False`` gives every block a bucket of its own (a stack of one): the
 per-block reference that the stacking is tested against runs the same code.
 
@@ -46,11 +51,12 @@ import torch
 from torch import Tensor
 
 from .blocks import BlockPlan
-from .grafting import grafted_direction
+from .eigen import corrected_direction
+from .grafting import grafted_direction, rescale_
 from .kronecker import accumulate_statistics_
-from .state import root_key, stat_key
+from .state import basis_key, root_key, stat_key
 
-__all__ = ["CHUNK_ELEMENTS", "Bucket", "Buckets", "Entry", "Scratch", "Spec"]
+__all__ = ["CHUNK_ELEMENTS", "Bucket", "Buckets", "Corrected", "Entry", "Scratch", "Spec"]
 
 # A bucket is gathered, preconditioned and scattered in chunks of rows of at most this
 # many elements (1 MiB in fp32), or one unit where a unit is larger (see ``Bucket._plan_chunks``).
@@ -65,6 +71,8 @@ class Spec(NamedTuple):
     root_dtype: torch.dtype  # the installed roots' storage (``root_storage_dtype``)
     beta2: float
     rescale: bool  # P ← P·‖D‖/‖P‖ (every grafting type but ``none``)
+    eigen_p: int = 0  # eigenvalue-corrected with V^(1/p) (``eigen.py``); 0: the root preconditioner
+    rotated_m: bool = False  # eigenvalue-corrected with ``first_moment_basis="rotated"``
 
 
 class Entry(NamedTuple):
@@ -73,6 +81,20 @@ class Entry(NamedTuple):
     p: Tensor
     plan: BlockPlan
     spec: Spec
+
+
+class Corrected(NamedTuple):
+    """What an eigenvalue-corrected parameter brings to :meth:`Buckets.directions`."""
+
+    adam: Tensor  # the update with no basis (identity): Ĝ/(√V̂ + ε), Adam's
+    v: Tensor  # the stored second moment V (read only)
+    v_new: Tensor  # V's update with no basis, β₂V + w·G²; blocks with a basis are written into it
+    eps: float
+    bias: float  # (1 − β₂ᵗ)^(1/p), or 1 when β₂ = 1
+    m: Tensor | None = None  # ``first_moment_basis="rotated"``: the stored M, per block in its basis
+    m_new: Tensor | None = None  # M's update with no basis; blocks with a basis are written into it
+    beta1: float = 0.0
+    bias1: float = 1.0  # 1 − β₁ᵗ
 
 
 @dataclass
@@ -136,6 +158,7 @@ class Bucket:
     def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], spec: Spec) -> None:
         self.shape, self.axes, self.spec = shape, axes, spec
         self.dtype, self.device = spec.dtype, spec.device
+        self.slot = basis_key if spec.eigen_p else root_key  # the state key of what ``roots`` holds
         self.members: list[Member] = []
         self.rows = 0
         self.chunks: list[Chunk] = []
@@ -160,9 +183,9 @@ class Bucket:
                     if (s := st.get(stat_key(b, a))) is not None:
                         self.stats[a][row].copy_(s)
                     st[stat_key(b, a)] = self.stats[a][row]
-                    if (r := st.get(root_key(b, a))) is not None:
+                    if (r := st.get(self.slot(b, a))) is not None:
                         self.roots[a][row].copy_(r)
-                        st[root_key(b, a)] = self.roots[a][row]
+                        st[self.slot(b, a)] = self.roots[a][row]
                         self.installed[row].add(a)
         self.ready = sum(len(s) == len(self.axes) for s in self.installed)
         self._plan_chunks()
@@ -201,7 +224,7 @@ class Bucket:
             st = state.get(m.p, {})
             for b in m.blocks:
                 for a in self.axes:
-                    for key in (stat_key(b, a), root_key(b, a)):
+                    for key in (stat_key(b, a), self.slot(b, a)):
                         t = st.get(key)
                         if t is not None and any(t._base is s for s in stacks):
                             st[key] = t.clone()
@@ -298,6 +321,59 @@ class Bucket:
         roots = {a: r[chunk.lo : chunk.hi].to(x.dtype) for a, r in self.roots.items()}  # views unless bf16
         return grafted_direction(x, d, roots, self.spec.rescale, work)
 
+    def correct(
+        self, grads: list[Tensor], xs: list[Tensor], ds: list[Tensor], outs: list[Tensor],
+        ec: list[Corrected | None], scratch: Scratch,
+    ) -> None:  # fmt: skip
+        """The eigenvalue-corrected P (into ``outs``), V (into ``v_new``) and a rotated M (into
+        ``m_new``) of the blocks with a basis on every axis, chunk by chunk; the other blocks
+        keep Adam's, which the caller wrote there."""
+        mask, rescale = self.mask(), self.spec.rescale
+        pick = {m.pos: ec[m.pos] for m in self.members}
+        gt = self._contiguous(grads)
+        same_x = all(xs[m.pos] is grads[m.pos] for m in self.members)  # β₁ = 0: Ĝ is G
+        xt = gt if same_x else self._contiguous(xs)
+        dt = self._contiguous(ds) if rescale else {}
+        vt = {i: c.v.contiguous() for i, c in pick.items() if c is not None}
+        v_new = [c.v_new if c is not None else g for c, g in zip(ec, grads)]
+        m_new = [c.m_new if c is not None and c.m_new is not None else g for c, g in zip(ec, grads)]
+        mt = {i: c.m.contiguous() for i, c in pick.items() if c is not None and c.m is not None}
+        for c, ready in zip(self.chunks, self._ready_rows):
+            if not ready:
+                continue
+            g = self.gather(c, gt, self._buf(scratch, "g", c))
+            x = g if same_x else self.gather(c, xt, self._buf(scratch, "x", c))
+            v = self.gather(c, vt, self._buf(scratch, "v", c))
+            eps = self.per_row(c, {i: e.eps for i, e in pick.items() if e is not None})
+            bias = self.per_row(c, {i: e.bias for i, e in pick.items() if e is not None})
+            m = None
+            if self.spec.rotated_m:  # every member's M is in its blocks' bases
+                m = (self.gather(c, mt, self._buf(scratch, "m", c)),
+                     self.per_row(c, {i: 1 - e.beta1 for i, e in pick.items() if e is not None}),
+                     self.per_row(c, {i: e.bias1 for i, e in pick.items() if e is not None}))  # fmt: skip
+            bases = {a: q[c.lo : c.hi].to(x.dtype) for a, q in self.roots.items()}  # views unless bf16
+            work = (self._buf(scratch, "mid", c), self._buf(scratch, "d", c))
+            pre = corrected_direction(g, x, v, bases, self.spec.beta2, bias, eps, self.spec.eigen_p, work, m)
+            if rescale:  # to ‖D‖ per block (grafting); D is gathered after ``d`` took P
+                pre = rescale_(pre, self.gather(c, dt, self._buf(scratch, "x" if same_x else "g", c)))
+            if ready < c.hi - c.lo:  # rows without a full basis keep Adam's P, V and M
+                keep = mask[c.lo : c.hi]
+                pre = torch.where(keep, pre, self.gather(c, {m.pos: outs[m.pos] for m in self.members},
+                                                         self._buf(scratch, "mid", c)))  # fmt: skip
+                v = torch.where(keep, v, self.gather(c, self._contiguous(v_new), self._buf(scratch, "mid", c)))
+                if m is not None:
+                    m = (torch.where(keep, m[0], self.gather(c, self._contiguous(m_new), self._buf(scratch, "mid", c))),
+                         *m[1:])  # fmt: skip
+            self.scatter(c, pre, outs)
+            self.scatter(c, v, v_new)
+            if m is not None:
+                self.scatter(c, m[0], m_new)
+
+    def per_row(self, chunk: Chunk, values: dict[int, float]) -> Tensor:
+        """``[rows, 1, …]``: each chunk row's member's value (by position in the step's list)."""
+        rows = [values[m.pos] for m, u0, u1 in chunk.pieces for _ in range((u1 - u0) * m.per)]
+        return torch.tensor(rows, dtype=self.dtype, device=self.device).view(-1, *(1,) * len(self.shape))
+
 
 class Buckets:
     """All buckets of an optimizer, rebuilt only when what they were built from changes."""
@@ -374,14 +450,27 @@ class Buckets:
         for bucket in self.buckets:
             bucket.update_statistics(grads, self.work)
 
-    def directions(self, grads: list[Tensor], xs: list[Tensor], ds: list[Tensor]) -> list[Tensor]:
+    def directions(
+        self, grads: list[Tensor], xs: list[Tensor], ds: list[Tensor], corrected: list[Corrected | None] | None = None
+    ) -> list[Tensor]:
         """P of every parameter: D, with P written into the blocks that have roots.
 
         Buckets (and chunks) hold disjoint blocks, so one's writes never change what
-        another gathers."""
+        another gathers. ``corrected``: per parameter, None, or what its eigenvalue-corrected
+        step needs; such a parameter's P is ``adam``, with the corrected P written into the
+        blocks with a full basis (and their V into ``v_new``)."""
+        ec = corrected or [None] * len(grads)
         # contiguous, and never the gradient itself: P is written into them
-        outs = [d.clone(memory_format=torch.contiguous_format) if d is g else d.contiguous() for d, g in zip(ds, grads)]
+        outs = [
+            c.adam.contiguous() if c is not None
+            else d.clone(memory_format=torch.contiguous_format) if d is g else d.contiguous()
+            for d, g, c in zip(ds, grads, ec)
+        ]  # fmt: skip
         for bucket in self.buckets:
-            if bucket.ready:
+            if not bucket.ready:
+                continue
+            if bucket.spec.eigen_p:
+                bucket.correct(grads, xs, ds, outs, ec, self.work)
+            else:
                 bucket.precondition(xs, ds, outs, self.work)
         return outs

@@ -31,7 +31,7 @@ from torch import Tensor
 from .blocks import BlockPlan, block_views
 from .kronecker import stacked_precondition
 
-__all__ = ["GraftingType", "bias_correction", "graft_directions", "grafted_direction"]
+__all__ = ["GraftingType", "bias_correction", "graft_directions", "grafted_direction", "rescale_"]
 
 
 class GraftingType(str, Enum):
@@ -115,7 +115,13 @@ def grafted_direction(
         return stacked_precondition(x, roots, work)
     dims = tuple(range(1, x.dim()))
     tiny = torch.finfo(x.dtype).tiny
-    d_norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
     x_max = torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_())
-    pre = stacked_precondition(x.div_(x_max.clamp_min_(tiny)), roots, work)
+    return rescale_(stacked_precondition(x.div_(x_max.clamp_min_(tiny)), roots, work), d)
+
+
+def rescale_(pre: Tensor, d: Tensor) -> Tensor:
+    """P ← P·‖D‖/‖P‖ in place, per block of a stack ``[B, *block]`` (a zero P stays zero)."""
+    dims = tuple(range(1, pre.dim()))
+    d_norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
+    tiny = torch.finfo(pre.dtype).tiny
     return pre.mul_(d_norm.div_(torch.linalg.vector_norm(pre, dim=dims, keepdim=True).clamp_min_(tiny)))

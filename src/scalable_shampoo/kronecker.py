@@ -23,6 +23,7 @@ __all__ = [
     "axis_statistic",
     "precondition",
     "stacked_precondition",
+    "stacked_rotate",
     "stacked_unfolding",
     "statistic_weight",
 ]
@@ -81,3 +82,22 @@ def stacked_precondition(
             shape = x.shape
             x = torch.bmm(x.reshape(shape[0], -1, shape[-1]), root).view(shape)
     return x
+
+
+def stacked_rotate(
+    g: Tensor, bases: Mapping[int, Tensor], back: bool = False, work: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """Every block of a stack into its eigenbasis, ``G ×ᵢ Q_iᵀ`` (``Q_Lᵀ·G·Q_R`` for a
+    matrix), or with ``back`` out of it, ``G ×ᵢ Q_i`` (``Q_L·G·Q_Rᵀ``), by bases ``[B, n, n]``
+    (eigenvectors in columns) per axis in ``bases``; the other axes are left as they are.
+
+    The contraction is :func:`stacked_precondition`'s, which takes axis i of G against
+    the first index of its matrix, except for a two-sided matrix block, where it computes
+    ``R₀·G·R₁`` (axis 0 against R₀'s second index); roots are symmetric, bases are not,
+    so the matrices handed to it are transposed (views) accordingly.
+    """
+    if g.dim() == 3 and len(bases) == 2:
+        mats = {0: bases[0] if back else bases[0].mT, 1: bases[1].mT if back else bases[1]}
+    else:
+        mats = {a: q.mT if back else q for a, q in bases.items()}
+    return stacked_precondition(g, mats, work)

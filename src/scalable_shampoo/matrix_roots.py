@@ -17,6 +17,7 @@ Both methods compute the same matrix function, ``(A + ε_eff·I)^(-1/p)``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -28,6 +29,7 @@ __all__ = [
     "fallback_chain",
     "RootResult",
     "coupled_newton_inverse_root",
+    "eigenbasis",
     "eigh_inverse_root",
     "inverse_root",
     "matrix_power",
@@ -351,6 +353,79 @@ def inverse_root(
     if p < 1 or int(p) != p:
         raise ValueError(f"p must be a positive integer, got {p!r}")
     chain = fallback_chain(RootMethod(method).resolve(a.device), dtype or a.dtype, eps, retries)
+
+    def attempt(x: Tensor, m: RootMethod, e: float, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+        return _one_attempt(x, p, e, relative_eps, m, newton_max_iters, tol)[:3]
+
+    return _judged(a, chain, attempt, relative_eps=relative_eps, dtype=dtype, max_residual=max_residual,
+                   newton_tol=newton_tol)  # fmt: skip
+
+
+def eigenbasis(
+    a: Tensor,
+    *,
+    eps: float = 1e-6,
+    relative_eps: bool = True,
+    dtype: torch.dtype | None = None,
+    max_residual: float = 0.5,
+    retries: int = 3,
+) -> RootResult:
+    """The eigenvectors Q (columns, eigenvalues ascending) of a batch of PSD matrices,
+    judged and with fallbacks as :func:`inverse_root` judges roots: ``root`` holds Q.
+
+    Q is that of ``A + ε_eff·I`` (the same eigenvectors; ε only matters to the
+    fallback stages, which raise it). The chain is :func:`fallback_chain` for
+    eigh (Newton gives no eigenvectors): eigh in ``dtype``, in fp64, then fp64 with
+    ε×10, … A basis is rejected (``ok`` False) where it is not finite or its
+    residual exceeds ``max_residual``: ``max(|A_d·Q·V − Q·Λ·V|/λ_max(A_d), |QᵀQ·V − V|)``
+    on four fixed probe vectors V, so scale-free (eigh in fp32 gives ~1e-6).
+    """
+    chain = fallback_chain(RootMethod.EIGH, dtype or a.dtype, eps, retries)
+
+    def attempt(x: Tensor, m: RootMethod, e: float, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+        return _basis_attempt(x, e, relative_eps)
+
+    return _judged(a, chain, attempt, relative_eps=relative_eps, dtype=dtype, max_residual=max_residual,
+                   newton_tol=None)  # fmt: skip
+
+
+def _basis_attempt(a: Tensor, eps: float, relative: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One eigh stage of :func:`eigenbasis` for ``[B, n, n]``: (Q, residual, ε_eff).
+
+    Padded as in :func:`_one_attempt` (batch-independent results), but the padding
+    block is ``2·(tr A + ε_eff)·I``, above every eigenvalue of ``A_d``, so that its
+    eigenvectors are the last columns and never mix with A's (a tie with
+    ``λ_max + ε_eff``, the roots' padding, would mix them)."""
+    n = a.shape[-1]
+    lam_max = max_eigenvalue(a)
+    eps_eff = eps * lam_max if relative else torch.full_like(lam_max, eps)
+    top = a.diagonal(dim1=-2, dim2=-1).sum(-1) + eps_eff
+    a_damped = _pad(a + eps_eff[..., None, None] * _eye_like(a), 2 * top + 1)
+    v = _probes(a)  # [n, 4]
+    try:
+        lam, q = torch.linalg.eigh(a_damped)
+    except torch.linalg.LinAlgError:  # did not converge: report every matrix as failed
+        lam, q = torch.full_like(a_damped[..., 0], float("nan")), torch.full_like(a_damped, float("nan"))
+    lam, q = lam[..., :n], q[..., :n]  # A_d's eigenpairs: the padding's are the last columns
+    qv = q @ v
+    scale = (lam_max + eps_eff).clamp_min(torch.finfo(a.dtype).tiny)[..., None, None]
+    eig_err = ((a_damped @ qv) - q @ (lam.unsqueeze(-1) * v)).abs() / scale
+    orth_err = (q.transpose(-1, -2) @ qv - v).abs()
+    residual = torch.maximum(eig_err.amax((-2, -1)), orth_err.amax((-2, -1)))
+    return q[..., :n, :].contiguous(), residual, eps_eff
+
+
+def _judged(
+    a: Tensor,
+    chain: list[tuple[str, RootMethod, torch.dtype, float]],
+    attempt: Callable[[Tensor, RootMethod, float, float], tuple[Tensor, Tensor, Tensor]],
+    *,
+    relative_eps: bool,
+    dtype: torch.dtype | None,
+    max_residual: float,
+    newton_tol: float | None,
+) -> RootResult:
+    """Run ``attempt`` down ``chain`` for the matrices not yet accepted (finite, residual ≤ ``max_residual``)."""
     batch, n = a.shape[:-2], a.shape[-1]
     flat = a.reshape(-1, n, n)
     root = torch.full_like(flat, float("nan"))
@@ -364,7 +439,7 @@ def inverse_root(
             break
         tol = newton_tol if newton_tol is not None else (1e-12 if d == torch.float64 else 1e-6)
         idx = todo.nonzero().squeeze(1)
-        r, res, e_eff, _ = _one_attempt(flat[idx].to(d), p, e, relative_eps, m, newton_max_iters, tol)
+        r, res, e_eff = attempt(flat[idx].to(d), m, e, tol)
         good = torch.isfinite(res) & (res <= max_residual) & torch.isfinite(r).all(-1).all(-1)
         residual[idx], eps_eff[idx] = res.double(), e_eff.double()
         root[idx[good]] = r[good].to(a.dtype)

@@ -14,6 +14,11 @@ One step, for every parameter and every block of it (see ``blocks.py``)::
 β₁ filters the gradient *before* it is preconditioned, so that with no roots
 Shampoo with Adam, AdaGrad or SGD grafting is exactly Adam(W), Adagrad or SGD.
 
+``preconditioner="eigenvalue_corrected"`` (SOAP-style, ``eigen.py``) replaces the two
+P lines: every N steps the eigenvectors Q_i of L_i (same schedulers), and every step
+G̃ = G ×ᵢ Q_iᵀ;  V ← β₂V + (1−β₂)G̃²;  P = (Ĝ ×ᵢ Q_iᵀ)/(√V̂ + ε) ×ᵢ Q_i (Adam where
+a block has no basis yet), with no grafting unless asked for.
+
 The class gathers tensors; the formulas live in pure functions: the per-block
 math in ``kronecker.py`` and ``grafting.py``, run by one engine (``buckets.py``)
 on stacks of equal blocks, and the elementwise math in ``functional.py``.
@@ -34,15 +39,15 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
 from .blocks import BlockPlan, make_plan, normalize_axes
-from .buckets import Buckets, Entry, Spec
+from .buckets import Buckets, Corrected, Entry, Spec
 from .distributed import Sharding, assign_owners, param_cost
-from .functional import compiled, graft_stage_, heavy_ball_, weight_update_
-from .grafting import GraftingType
+from .functional import compiled, first_moment_, graft_stage_, heavy_ball_, weight_update_
+from .grafting import GraftingType, bias_correction, graft_directions
 from .groups import PlanTable, plan_table
 from .matrix_roots import RootMethod
-from .state import RootInfo, StateCodec, diagnostics, info_key, memory, method_key, root_key, stat_key
+from .state import RootInfo, StateCodec, basis_key, diagnostics, info_key, memory, method_key, root_key, stat_key
 
-__all__ = ["NonFiniteGrad", "Shampoo"]
+__all__ = ["NonFiniteGrad", "Preconditioner", "Shampoo"]
 
 ParamGrad = tuple[int, dict[str, Any], Tensor, Tensor]  # (index, group, parameter, full gradient)
 _SCHEDULER_METHODS = ("run", "state_dict", "load_state_dict", "close")
@@ -60,6 +65,13 @@ def _shard_like(p: Tensor, full: Tensor) -> Tensor:
     """This rank's shard of ``full``, placed as the sharded parameter ``p`` (no communication)."""
     assert isinstance(p, DTensor)
     return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+
+
+class Preconditioner(str, Enum):
+    """What the statistics precondition with."""
+
+    ROOT = "root"  # inverse roots L_i^(-1/p), grafted (Shampoo)
+    EIGENVALUE_CORRECTED = "eigenvalue_corrected"  # Adam in the eigenbasis of the L_i (SOAP, EKFAC)
 
 
 class NonFiniteGrad(str, Enum):
@@ -86,6 +98,14 @@ def _grafting(group: dict[str, Any]) -> GraftingType:
     return GraftingType(group["grafting"])
 
 
+def _corrected(group: dict[str, Any]) -> bool:
+    return bool(group["preconditioner"] == Preconditioner.EIGENVALUE_CORRECTED.value)
+
+
+def _rotated_first_moment(group: dict[str, Any]) -> bool:
+    return _corrected(group) and group["first_moment_basis"] == "rotated" and group["betas"][0] > 0
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -105,7 +125,26 @@ class Shampoo(torch.optim.Optimizer):
         weight_decay: λ; decoupled (AdamW) unless ``decoupled_weight_decay=False`` (L2).
             As AdamW's, it decays weights whose gradient is zero (not those with none).
         momentum, nesterov: heavy-ball momentum on the grafted direction, as ``torch.optim.SGD``.
-        grafting: a :class:`GraftingType` or its name.
+        preconditioner: ``"root"`` (default): Shampoo's inverse roots, grafted.
+            ``"eigenvalue_corrected"``: SOAP-style (George et al. 2018, Vyas et al. 2024,
+            ``eigen.py``): every ``precondition_frequency`` steps the eigenvectors Q_i of each
+            statistic (eigh with the roots' fallback chain and rejection: a failed basis keeps
+            the previous one), computed by the same ``scheduler``; every step Adam runs in
+            that basis, V ← β₂V + (1−β₂)G̃² on G̃ = G ×ᵢ Q_iᵀ (β₂ = ``betas[1]``, also the
+            statistics'), P = (Ĝ ×ᵢ Q_iᵀ)/(√V̂ + ε) ×ᵢ Q_i. The first moment stays in the
+            original basis (rotated each step with the current Q; chosen on a benchmark,
+            see the README). When a basis is replaced V is kept as it is, as SOAP keeps it
+            (bases refreshed every N ≪ 1/(1−β₂) steps barely move; V re-adapts within
+            ~1/(1−β₂) steps). Blocks without a basis on every axis (before
+            ``start_preconditioning_step``, unpreconditioned tensors) take Adam's update in
+            the original basis, and an axis without a statistic (one-sided) is not rotated,
+            so Adam runs along it. ``root_storage_dtype`` sets the basis's storage, and
+            ``exponent_override`` p makes the denominator V̂^(1/p) + ε (default p = 2).
+            It costs the roots' memory for the bases plus V (``exp_avg_sq``, one parameter-sized
+            buffer); ``compile_elementwise`` does not apply to it (eager).
+        grafting: a :class:`GraftingType` or its name; default (``None``): ``"adam"`` with
+            the root preconditioner, ``"none"`` with the eigenvalue-corrected one (its V
+            sets the scale; another type rescales each block's P to that method's norm).
         grafting_beta2: β₂ of the RMSprop/Adam grafting accumulator (default: ``betas[1]``).
         block_size: blocks are at most this long along every preconditioned axis.
         max_preconditioner_dim: an axis longer than this keeps no statistic (one-sided).
@@ -164,7 +203,9 @@ class Shampoo(torch.optim.Optimizer):
         decoupled_weight_decay: bool = True,
         momentum: float = 0.0,
         nesterov: bool = False,
-        grafting: GraftingType | str = GraftingType.ADAM,
+        preconditioner: Preconditioner | str = Preconditioner.ROOT,
+        first_moment_basis: str = "original",
+        grafting: GraftingType | str | None = None,
         grafting_beta2: float | None = None,
         block_size: int = 1024,
         max_preconditioner_dim: int = 4096,
@@ -190,7 +231,9 @@ class Shampoo(torch.optim.Optimizer):
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            momentum=momentum, nesterov=nesterov, grafting=grafting, grafting_beta2=grafting_beta2,
+            momentum=momentum, nesterov=nesterov, preconditioner=preconditioner,
+            first_moment_basis=first_moment_basis, grafting=grafting,
+            grafting_beta2=grafting_beta2,
             block_size=block_size, max_preconditioner_dim=max_preconditioner_dim, merge_dims_bound=merge_dims_bound,
             precondition_axes=precondition_axes,
             precondition_1d=precondition_1d, exponent_override=exponent_override,
@@ -299,6 +342,11 @@ class Shampoo(torch.optim.Optimizer):
         for name in ("decoupled_weight_decay", "nesterov", "precondition_1d", "matrix_eps_relative"):
             _require(isinstance(g[name], bool), name, g[name], "True or False")
         _require(not g["nesterov"] or mom > 0, "nesterov", g["nesterov"], "False when momentum is 0")
+        g["preconditioner"] = _enum_value(Preconditioner, "preconditioner", g.get("preconditioner", "root"))
+        fmb = g.get("first_moment_basis", "original")
+        _require(fmb in ("original", "rotated"), "first_moment_basis", fmb, "'original' or 'rotated'")
+        if g["grafting"] is None:  # the preconditioner's default
+            g["grafting"] = GraftingType.NONE.value if _corrected(g) else GraftingType.ADAM.value
         g["grafting"] = _enum_value(GraftingType, "grafting", g["grafting"])
         g["root_method"] = _enum_value(RootMethod, "root_method", g["root_method"])
         for name in ("block_size", "max_preconditioner_dim", "precondition_frequency", "start_preconditioning_step"):
@@ -354,8 +402,13 @@ class Shampoo(torch.optim.Optimizer):
         return RootOptions(
             RootMethod(group["root_method"]), group["matrix_eps"], group["matrix_eps_relative"], group["root_dtype"],
             group["max_root_residual"], group["root_retries"], newton_max_iters=100,
-            newton_tol=1e-12 if group["root_dtype"] == torch.float64 else 1e-6,
+            newton_tol=1e-12 if group["root_dtype"] == torch.float64 else 1e-6, eigenbasis=_corrected(group),
         )  # fmt: skip
+
+    @staticmethod
+    def _eigen_p(group: dict[str, Any]) -> int:
+        """p of V^(1/p) in the eigenvalue-corrected step (2: Adam's √), or 0 for the root preconditioner."""
+        return (group["exponent_override"] or 2) if _corrected(group) else 0
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -479,8 +532,12 @@ class Shampoo(torch.optim.Optimizer):
         self._install_roots(self.scheduler.run(self.global_step, jobs))
         # M ← β₁M + (1−β₁)G;  Ĝ = M/(1−β₁ᵗ);  D ← graft(Ĝ)
         xs, ds = self._graft(params, grads, steps)
+        # eigenvalue-corrected: V ← β₂V + (1−β₂)G² and Adam's Ĝ/(√V̂+ε), for blocks without a basis
+        corrected = self._second_moments(params, grads, xs, steps)
         # P ← Ĝ ×ᵢ L_i^(-1/p);  P ← P·‖D‖/‖P‖  (P = D for a block without roots)
-        directions = self._buckets.directions(grads, xs, ds)
+        # eigenvalue-corrected: V ← β₂V + (1−β₂)G̃²;  P ← (Ĝ ×ᵢ Q_iᵀ)/(√V̂+ε) ×ᵢ Q_i  (eigen.py)
+        directions = self._buckets.directions(grads, xs, ds, corrected)
+        self._keep_second_moments(params, corrected)
         # B ← μB + P
         directions = self._momentum(params, directions)
         if self._sharding is not None:  # every rank gets every update: one all_gather
@@ -529,7 +586,8 @@ class Shampoo(torch.optim.Optimizer):
         """What the engine stacks: each parameter's plan, dtypes, device, β₂ and rescaling."""
         return [
             Entry(p, self.plan(p, group), Spec(g.dtype, g.device, group["root_storage_dtype"] or g.dtype,
-                                               group["betas"][1], _grafting(group) is not GraftingType.NONE))
+                                               group["betas"][1], _grafting(group) is not GraftingType.NONE,
+                                               self._eigen_p(group), _rotated_first_moment(group)))
             for (_, group, p, _), g in zip(params, grads)
         ]  # fmt: skip
 
@@ -558,7 +616,8 @@ class Shampoo(torch.optim.Optimizer):
             if out.ok:  # into the bucket's stack, or its own storage if the block is not stacked now
                 view = self._buckets.install_root(p, b, a, out.root)
                 storage = group["root_storage_dtype"] or out.root.dtype
-                state[root_key(b, a)] = view if view is not None else out.root.to(storage, copy=True)
+                slot = basis_key if _corrected(group) else root_key
+                state[slot(b, a)] = view if view is not None else out.root.to(storage, copy=True)
                 state[method_key(b, a)] = out.method
                 installed = out.step
             elif out.lambda_max != 0:  # the previous root, if any, stays in use
@@ -623,6 +682,8 @@ class Shampoo(torch.optim.Optimizer):
             beta1, kind = group["betas"][0], _grafting(group)
             gb2 = group["grafting_beta2"] if group["grafting_beta2"] is not None else group["betas"][1]
             ms = [self._buffer(p, "exp_avg", g) for p, g in zip(ps, gs)] if beta1 > 0 else []
+            if _rotated_first_moment(group):  # M is updated per block in _second_moments
+                ms = [m.clone() for m in ms]
             accs = [self._buffer(p, "graft_acc", g) for p, g in zip(ps, gs)] if kind.has_accumulator else []
             plans = [self.plan(p, group) for p in ps]
             if self.compile_elementwise and not kind.normalized:  # step counts as tensors: no recompiles
@@ -634,6 +695,44 @@ class Shampoo(torch.optim.Optimizer):
             for i, xi, di in zip(pos, x, d):
                 xs[i], ds[i] = xi, di
         return xs, ds
+
+    def _second_moments(
+        self, params: list[ParamGrad], grads: list[Tensor], xs: list[Tensor], steps: list[int]
+    ) -> list[Corrected | None] | None:
+        """For eigenvalue-corrected parameters: V's update and Adam's direction with no basis
+        (``graft_directions``' Adam rule on a copy of V; the engine overwrites the blocks that
+        have a basis). None at other positions; None if no group is eigenvalue-corrected."""
+        if not any(_corrected(g) for g in self.param_groups):
+            return None
+        out: list[Corrected | None] = [None] * len(params)
+        for pos in self._fused(params):
+            group = params[pos[0]][1]
+            if not _corrected(group):
+                continue
+            ps, gs, ts = [params[i][2] for i in pos], [grads[i] for i in pos], [steps[i] for i in pos]
+            vs = [self._buffer(p, "exp_avg_sq", g) for p, g in zip(ps, gs)]
+            v_new = [v.clone() for v in vs]
+            (beta1, beta2), eps, p_ = group["betas"], group["eps"], self._eigen_p(group)
+            ms: list[Tensor | None] = [None] * len(pos)
+            m_new: list[Tensor | None] = [None] * len(pos)
+            if _rotated_first_moment(group):  # M per block in its basis: its identity-basis update here
+                ms = [self.state[p]["exp_avg"] for p in ps]
+                m_new = [m.clone() for m in ms]  # type: ignore[union-attr]
+                first_moment_(m_new, gs, beta1, ts)  # type: ignore[arg-type]
+            adam = graft_directions(GraftingType.ADAM, gs, [xs[i] for i in pos], v_new, steps=ts, beta2=beta2,
+                                    eps=eps, plans=[self.plan(p, group) for p in ps])  # fmt: skip
+            for i, t, v, vn, m, mn, a in zip(pos, ts, vs, v_new, ms, m_new, adam):
+                bias = float(bias_correction(beta2, t)) ** (1 / p_) if beta2 < 1 else 1.0
+                out[i] = Corrected(a, v, vn, eps, bias, m, mn, beta1, float(bias_correction(beta1, t)))
+        return out
+
+    def _keep_second_moments(self, params: list[ParamGrad], corrected: list[Corrected | None] | None) -> None:
+        """Store each eigenvalue-corrected parameter's new V."""
+        for (_, _, p, _), c in zip(params, corrected or []):
+            if c is not None:
+                self.state[p]["exp_avg_sq"] = c.v_new
+                if c.m_new is not None:
+                    self.state[p]["exp_avg"] = c.m_new
 
     def _momentum(self, params: list[ParamGrad], directions: list[Tensor]) -> list[Tensor]:
         """B ← μB + P (B starts as P); the direction is B, or P + μB with Nesterov."""

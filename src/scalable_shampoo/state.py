@@ -14,7 +14,13 @@ key                         what
 ``stat.{b}.{a}``            statistic H_a of block b (fp32; fp64 for fp64 params)
 ``root.{b}.{a}``            installed inverse root (absent until the first one), in
                             ``root_storage_dtype`` (default: the statistic's dtype)
-``root_info.{b}.{a}``       a :class:`RootInfo` as a float64 CPU tensor ``[last attempt's``
+``basis.{b}.{a}``           eigenvalue-corrected preconditioner only, instead of
+                            ``root.*``: the installed eigenvectors Q of the statistic
+                            (columns, eigenvalues ascending), in ``root_storage_dtype``
+``exp_avg_sq``              eigenvalue-corrected only: the second moment V, shaped like
+                            the parameter; a block's entries are in its current basis
+                            (the original one until the block has a basis on every axis)
+``root_info.{b}.{a}``       a :class:`RootInfo` (of the root or the basis) as a float64 CPU tensor ``[last attempt's``
                             ``step, residual or -1, λ_max, ε_eff, rejected so far,``
                             ``step of the installed root or -1]``: finite always
 ``root_method.{b}.{a}``     the fallback stage of the installed root, e.g. ``"eigh/fp32"``
@@ -71,6 +77,7 @@ __all__ = [
     "RootInfo",
     "StateCodec",
     "atomic_save",
+    "basis_key",
     "check_format",
     "check_groups",
     "diagnostics",
@@ -100,6 +107,10 @@ def stat_key(block: int, axis: int) -> str:  # the statistic H_a of block b
 
 def root_key(block: int, axis: int) -> str:  # its installed inverse root
     return f"root.{block}.{axis}"
+
+
+def basis_key(block: int, axis: int) -> str:  # its installed eigenbasis (eigenvalue-corrected)
+    return f"basis.{block}.{axis}"
 
 
 def info_key(block: int, axis: int) -> str:  # its RootInfo, as a float64 CPU tensor
@@ -173,8 +184,9 @@ class StateCodec:
             plan = opt.plan(p, {**group, "params": [p]})
             if "fan-in plans" in FORMATS[version] and state:
                 _check_format1_plan(pid, p, group, plan)
-            expected = {stat_key(b, a): (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes}
-            expected |= {k: tuple(p.shape) for k in ("exp_avg", "graft_acc", "momentum_buffer")}
+            expected = {key(b, a): (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes
+                        for key in (stat_key, basis_key)}  # fmt: skip
+            expected |= {k: tuple(p.shape) for k in ("exp_avg", "exp_avg_sq", "graft_acc", "momentum_buffer")}
             missing = [k for k in expected if k.startswith("stat.") and k not in state]
             if state and ("step" not in state or missing):
                 raise ValueError(
@@ -265,7 +277,9 @@ def _buffers(group: dict[str, Any]) -> dict[str, tuple[str, Any, bool]]:
     from .grafting import GraftingType
 
     beta1, kind, momentum = group["betas"][0], group["grafting"], group["momentum"]
+    corrected = group["preconditioner"] == "eigenvalue_corrected"
     return {
+        "exp_avg_sq": ("preconditioner", group["preconditioner"], corrected),
         "exp_avg": ("betas[0]", beta1, beta1 > 0),
         "graft_acc": ("grafting", kind, GraftingType(kind).has_accumulator),
         "momentum_buffer": ("momentum", momentum, momentum > 0),
@@ -301,10 +315,12 @@ def check_groups(opt: Shampoo, saved_groups: Any, shapes: list[tuple[int, ...]] 
     defaults = opt.group_defaults()
     saved_groups = [{**defaults, **s} for s in saved_groups]
     for s, g in zip(saved_groups, opt.param_groups):
+        checked = {**s, "params": g["params"]}
         try:
-            opt._validate({**s, "params": g["params"]})
+            opt._validate(checked)
         except ValueError as exc:
             raise ValueError(f"state_dict has a bad param group setting: {exc}") from None
+        s["grafting"] = checked["grafting"]  # a default (None) resolved for the group's preconditioner
     index = 0
     for gi, (s, g) in enumerate(zip(saved_groups, opt.param_groups)):
         for p in g["params"]:
@@ -409,7 +425,7 @@ def diagnostics(opt: Shampoo) -> dict[str, Any]:
                     installed = int(info.installed_step) if info.installed_step >= 0 else None
                     rows.append(dict(
                         param=index, block=b, axis=a, dim=block.shape[a], step=step,
-                        has_root=root_key(b, a) in state, root_step=installed,
+                        has_root=root_key(b, a) in state or basis_key(b, a) in state, root_step=installed,
                         staleness=None if installed is None else step - installed,
                         last_attempt_step=int(info.last_attempt_step) if attempted else None,
                         residual=info.residual if attempted and info.residual >= 0 else None,
@@ -419,8 +435,8 @@ def diagnostics(opt: Shampoo) -> dict[str, Any]:
     return {"global_step": opt.global_step, "skipped_steps": opt.skipped_steps, "blocks": rows}
 
 
-_KINDS = {"stat.": "statistics", "root.": "roots", "exp_avg": "first_moment", "graft_acc": "grafting",
-          "momentum_buffer": "momentum"}  # fmt: skip
+_KINDS = {"stat.": "statistics", "root.": "roots", "basis.": "basis", "exp_avg_sq": "second_moment",
+          "exp_avg": "first_moment", "graft_acc": "grafting", "momentum_buffer": "momentum"}  # fmt: skip
 
 
 def memory(opt: Shampoo) -> dict[str, int]:
