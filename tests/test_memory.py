@@ -37,8 +37,9 @@ def live_storages() -> dict[int, int]:
         (False, {}),
         (True, dict(root_storage_dtype=torch.bfloat16, momentum=0.9)),
         (True, dict(scheduler=InlineRoots(delay=2))),  # roots held by the scheduler until installed
+        (True, dict(preconditioner="eigenvalue_corrected")),  # bases and the second moment V
     ],
-    ids=["batched", "plain", "bf16_roots_momentum", "delayed_roots"],
+    ids=["batched", "plain", "bf16_roots_momentum", "delayed_roots", "eigenvalue_corrected"],
 )
 def test_memory_equals_the_live_tensor_bytes_the_optimizer_holds(batched, kwargs):
     """The unique storage bytes of every live tensor, after the steps minus before the optimizer
@@ -58,7 +59,9 @@ def test_memory_equals_the_live_tensor_bytes_the_optimizer_holds(batched, kwargs
     held = sum(n for ptr, n in after.items() if ptr not in before)
     mem = opt.memory()
     counted = sum(v for k, v in mem.items() if k != "parameters")
-    assert mem["scratch"] > 0 and mem["roots"] > 0
+    assert mem["scratch"] > 0 and mem["basis" if "preconditioner" in kwargs else "roots"] > 0
+    if "preconditioner" in kwargs:
+        assert mem["roots"] == 0 and mem["second_moment"] > 0
     if "scheduler" in kwargs:
         assert mem["pending_roots"] > 0
     assert abs(counted - held) <= 0.02 * held, (counted, held, mem)

@@ -396,7 +396,8 @@ class Buckets:
         """(kind, tensor) of every bucket's stacks and mask, for the memory report: a roots
         stack is allocated whole when the bucket is built, before any root is installed."""
         masks = [("other", b._mask) for b in self.buckets if b._mask is not None]
-        return [(kind, t) for b in self.buckets for kind, d in (("statistics", b.stats), ("roots", b.roots))
+        return [(kind, t) for b in self.buckets
+                for kind, d in (("statistics", b.stats), ("basis" if b.spec.eigen_p else "roots", b.roots))
                 for t in d.values()] + masks  # fmt: skip
 
     def bind(self, state: Any, entries: list[Entry], batched: bool) -> None:
