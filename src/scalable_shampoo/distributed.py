@@ -157,10 +157,14 @@ class Sharding:
     def all_true(self, step: int, flags: Tensor) -> Tensor:
         """``flags`` (one per item, 0 or 1) and-ed over the group: the same answer on every rank."""
         out = flags.to(torch.float32)
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             dist.all_reduce(out, op=dist.ReduceOp.MIN, group=self.group)
         except Exception as e:
             raise ExchangeError(f"checking the gradients at step {step} failed on rank {self.rank}: {e}") from e
+        self.exchange_s += time.perf_counter() - start
+        self.exchange_cpu_s += time.process_time() - cpu
+        self.bytes_received += (self.world - 1) * out.numel() * 4  # as if each rank's flags came to every rank
         return out > 0
 
     def __getstate__(self) -> dict[str, Any]:

@@ -411,6 +411,14 @@ class Shampoo(torch.optim.Optimizer):
             newton_tol=1e-12 if group["root_dtype"] == torch.float64 else 1e-6,
         )  # fmt: skip
 
+    def state_dict(self) -> dict[str, Any]:
+        if self._sharding is not None and any(self._is_local(p) for g in self.param_groups for p in g["params"]):
+            raise NotImplementedError(
+                "state_dict() of fsdp='local' state on more than one rank is not supported yet: each rank's "
+                "state is of its own shards and would not merge into one checkpoint; use fsdp='lossless'"
+            )
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._placement.clear()  # the loaded state was cast to where the parameters are now
