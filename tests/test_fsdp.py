@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from scalable_shampoo import Shampoo
-from scalable_shampoo.background import InlineRoots
+from scalable_shampoo.background import BackgroundRoots, InlineRoots
 
 FAST = dict(lr=1e-2, precondition_frequency=3, start_preconditioning_step=2)
 STEPS = 8
@@ -25,9 +25,11 @@ class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.emb, self.a, self.b = nn.Embedding(40, 6), nn.Linear(6, 10), nn.Linear(10, 3)
+        self.c = nn.Linear(3, 2, bias=False)  # 2 rows: at W=3 one rank's shard of it is empty
 
     def forward(self, idx):
-        return self.b(torch.tanh(self.a(self.emb(idx).mean(1))))
+        y = self.b(torch.tanh(self.a(self.emb(idx).mean(1))))
+        return y + self.c(y).sum(1, keepdim=True)
 
 
 def build():
@@ -36,12 +38,12 @@ def build():
 
 
 def groups(params):
-    """Three param groups of other options over the 5 tensors (emb, a.weight, a.bias, b.weight, b.bias)."""
-    emb, aw, ab, bw, bb = params
+    """Three param groups of other options over the 6 tensors (emb, a.weight, a.bias, b.weight, b.bias, c)."""
+    emb, aw, ab, bw, bb, c = params
     return [
         {"params": [emb], "max_preconditioner_dim": 32, "weight_decay": 0.1},  # 40×6: one-sided
         {"params": [aw, ab], "block_size": 4, "decoupled_weight_decay": False, "weight_decay": 0.01},  # L2
-        {"params": [bw, bb], "block_size": 8, "momentum": 0.5},
+        {"params": [bw, bb, c], "block_size": 8, "momentum": 0.5},
     ]
 
 
@@ -111,7 +113,7 @@ def reference(mode, steps, shards, sched=None):
     leaves = [params[i][a:b].clone().requires_grad_() for i, a, b in pieces]
     by_param = [[leaf for (i, _, _), leaf in zip(pieces, leaves) if i == j] for j in range(len(params))]
     grouped = groups([nn.Parameter(torch.zeros(1)) for _ in params])
-    for g, owned in zip(grouped, ([0], [1, 2], [3, 4])):
+    for g, owned in zip(grouped, ([0], [1, 2], [3, 4, 5])):
         g["params"] = [leaf for j in owned for leaf in by_param[j]]
     opt = Shampoo(grouped, scheduler=sched, process_group=None, **FAST)
     for step in range(steps):
@@ -143,9 +145,18 @@ def fsdp_worker(rank, world, init_file, out_dir):
     init(rank, world, init_file)
     result = {}
     for mode in ("lossless", "local"):
-        sched = InlineRoots(delay=2) if mode == "lossless" else None  # delayed roots on their owners
+        # lossless: deterministic background roots on their owners (= InlineRoots(delay=2) in one process)
+        sched = BackgroundRoots(mode="deterministic", delay=2, workers="thread") if mode == "lossless" else None
         model = shard(build())
         opt, received = run(model, mode, STEPS, sched)
+        params = list(model.parameters())
+        before = [p.full_tensor() for p in params]
+        set_grads(params, STEPS)
+        if rank == world - 1:  # a NaN in one rank's rows only: every rank skips the step, nothing changes
+            params[1].grad.to_local()[0, 0] = float("nan")
+        opt.step()
+        assert opt.skipped_steps == 1 and opt.global_step == STEPS
+        assert all(torch.equal(p.full_tensor(), q) for p, q in zip(params, before))
         result[mode] = dict(
             params=[p.full_tensor() for p in model.parameters()], state=state_bytes(opt), received=received,
             owned=[i for i, o in enumerate(opt.owners()) if o == rank],
@@ -187,11 +198,11 @@ def test_fsdp2_lossless_equals_one_process_and_local_equals_the_same_cuts_bitwis
         assert sum(r[mode]["state"] for r in results) == total, mode
     # lossless: whole parameters to owners, every one owned once; no all_gather of everything
     owned = sorted(i for r in results for i in r["lossless"]["owned"])
-    assert owned == list(range(5))
+    assert owned == list(range(6))
     assert sum(len(r["lossless"]["owned"]) > 0 for r in results) >= 2
     for r in results:
         assert 0 < max(r["lossless"]["received"]) < param_bytes  # rows of gradients in, rows of updates out
-        assert r["local"]["received"] == [(world - 1) * 5 * 4] * STEPS  # local: a flag per parameter, no more
+        assert r["local"]["received"] == [(world - 1) * 6 * 4] * STEPS  # local: a flag per parameter, no more
         # local: blocks cut from this rank's rows (a.weight 10×6 at block 4: rows-blocks of the shard)
         assert r["local"]["local_shapes"][1][0] < 10
     assert results[0]["bf16_equal"] and results[0]["bf16_moved"]

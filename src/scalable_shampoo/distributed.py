@@ -25,6 +25,10 @@ or fp64 for fp64 parameters) the bytes are sent verbatim and the run is
 bit-identical to one process. In bf16 the owner applies the same rounded
 direction as everyone else, so the ranks never drift apart.
 
+**FSDP2 and HSDP** (DTensor parameters; the section below): ``fsdp="lossless"`` moves only
+rows, with ``all_to_all`` (gradient rows to the owner, update rows back), never an all-gather
+of everything; ``fsdp="local"`` moves nothing but a flag per parameter.
+
 **Checkpoints.** ``state_dict()`` is a collective under sharding: every rank
 must call it, and each gets the whole state (every owner's entries, and every
 rank's pending root results). ``load_state_dict`` keeps what this rank owns under

@@ -613,7 +613,7 @@ class Shampoo(torch.optim.Optimizer):
             whole = {i: g for (i, *_), g in zip(lossless, got) if g is not None}
         params, grads = [], []
         for i, group, p, grad in every:
-            if owners[i] == rank:
+            if owners[i] == rank and (i in whole or grad.numel() > 0):  # "local": a shard may have no rows
                 g = whole[i] if i in whole else self._gradient(p, grad, group)
                 params.append((i, group, p, g))
                 grads.append(g)
@@ -641,7 +641,8 @@ class Shampoo(torch.optim.Optimizer):
                               [sh.communication_dtype or self._state_dtype(p) for _, _, p, _ in lossless],
                               [sh.wire(by_index[i]) if i in by_index else None for i, *_ in lossless])  # fmt: skip
             out |= {i: d for (i, *_), d in zip(lossless, got)}
-        local = [pg for pg in every if self._is_local(pg[2])]
+        out |= {i: g for i, _, p, g in every if self._is_local(p) and g.numel() == 0}  # no rows here: nothing
+        local = [pg for pg in every if self._is_local(pg[2]) and pg[3].numel() > 0]
         if local and len(self._grids[local[0][2]].ranks) > 1:  # HSDP: the replicas share the work
             out |= self._share_replicas(local, owners, by_index)
         else:
