@@ -309,17 +309,18 @@ def placement_worker(rank, world, init_file, out_dir):
         Shampoo([ok], process_group=None)
     except ValueError as e:
         errors["no_group"] = str(e)
-    # added after construction: refused at step(), before any state changes
+    # added to a working optimizer: refused, and the optimizer is as it was
     opt = Shampoo([ok], **FAST)
-    opt.add_param_group({"params": [tp]})
     ok.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(0)], src_data_rank=None)
-    tp.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)], src_data_rank=None)
-    before = ok.full_tensor().clone()
+    opt.step()
+    state = {k: v.clone() for k, v in opt.state[ok].items()}
     try:
-        opt.step()
+        opt.add_param_group({"params": [tp]})
     except ValueError as e:
-        errors["step"] = str(e)
-    errors["untouched"] = len(opt.state) == 0 and opt.global_step == 0 and torch.equal(ok.full_tensor(), before)
+        errors["added"] = str(e)
+    errors["untouched"] = len(opt.param_groups) == 1 and list(opt.state) == [ok] and all(
+        torch.equal(opt.state[ok][k], v) for k, v in state.items())  # fmt: skip
+    opt.step()  # and steps on
     torch.save(errors, os.path.join(out_dir, f"{rank}.pt"))
     finish()
 
@@ -330,7 +331,7 @@ def test_a_dtensor_with_an_unsupported_placement_is_refused_by_name(tmp_path):
     assert "parameter 1 " in errors["tp"] and "Shard(dim=1)" in errors["tp"] and "tensor-parallel" in errors["tp"]
     assert "parameter 1 " in errors["partial"] and "Partial(sum)" in errors["partial"]
     assert "process_group=None" in errors["no_group"] and "parameter 0 " in errors["no_group"]
-    assert "parameter 1 " in errors["step"] and "Shard(dim=1)" in errors["step"]
+    assert "parameter 1 " in errors["added"] and "Shard(dim=1)" in errors["added"]
     assert errors["untouched"] is True
 
 

@@ -247,7 +247,6 @@ class Shampoo(torch.optim.Optimizer):
         self._replicas: dict[Any, Sharding] = {}  # fsdp="local" under HSDP: this rank's replicate group
         super().__init__(params, defaults)
         StateCodec.attach(self)
-        self._check_dtensors(list(enumerate(p for g in self.param_groups for p in g["params"])))
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -258,6 +257,8 @@ class Shampoo(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._validate(group)
+            first = sum(len(g["params"]) for g in self.param_groups[:-1])  # the index of its first parameter
+            self._check_dtensors(list(enumerate(group["params"], first)))
         except ValueError:
             self.param_groups.pop()
             raise
@@ -298,8 +299,9 @@ class Shampoo(torch.optim.Optimizer):
                 )
 
     def _check_dtensors(self, params: list[tuple[int, Tensor]]) -> None:
-        """Refuse a DTensor parameter whose placements are not FSDP2's or HSDP's (tensor parallel,
-        ``Partial``), or whose mesh is not the process group; records where its rows live."""
+        """Refuse a DTensor parameter (``params``: (index, parameter)) whose placements are not
+        FSDP2's or HSDP's (tensor parallel, ``Partial``), or whose mesh is not the process group;
+        records where its rows live. Run as a param group is added, before it has any state."""
         for i, p in params:
             if not isinstance(p, DTensor) or p in self._grids:
                 continue
@@ -532,7 +534,6 @@ class Shampoo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._params_with_grad()
-        self._check_dtensors([(i, p) for i, _, p, _ in params])
         self._check_placement(params)
         if not self._grads_finite(params):
             self.skipped_steps += 1  # nothing touched: statistics, roots, moments, weights
