@@ -362,7 +362,7 @@ BAD_ARGUMENTS: list[tuple[str, Any]] = [
     ("matrix_eps_relative", "no"), ("root_method", "cholesky"), ("root_dtype", torch.float16),
     ("root_storage_dtype", torch.int8), ("max_root_residual", 0), ("root_retries", -1), ("nonfinite_grad", "ignore"),
     ("scheduler", "inline"), ("batched", 1), ("compile_elementwise", "yes"), ("communication_dtype", torch.int8),
-    ("precondition_axes", "x"),
+    ("precondition_axes", "x"), ("fsdp", "sharded"),
 ]  # fmt: skip
 
 
