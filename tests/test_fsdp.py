@@ -157,6 +157,11 @@ def fsdp_worker(rank, world, init_file, out_dir):
         opt.step()
         assert opt.skipped_steps == 1 and opt.global_step == STEPS
         assert all(torch.equal(p.full_tensor(), q) for p, q in zip(params, before))
+        # diagnostics describe the blocks this rank keeps (a shard's under "local")
+        rows = opt.diagnostics()["blocks"]
+        for i, p in enumerate(params):
+            stats = [k for k in opt.state.get(p, {}) if k.startswith("stat.")]
+            assert sorted(f"stat.{r['block']}.{r['axis']}" for r in rows if r["param"] == i) == sorted(stats)
         result[mode] = dict(
             params=[p.full_tensor() for p in model.parameters()], state=state_bytes(opt), received=received,
             owned=[i for i, o in enumerate(opt.owners()) if o == rank],
