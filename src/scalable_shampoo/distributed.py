@@ -25,6 +25,10 @@ or fp64 for fp64 parameters) the bytes are sent verbatim and the run is
 bit-identical to one process. In bf16 the owner applies the same rounded
 direction as everyone else, so the ranks never drift apart.
 
+**FSDP2 and HSDP** (DTensor parameters; the section below): ``fsdp="lossless"`` moves only
+rows, with ``all_to_all`` (gradient rows to the owner, update rows back), never an all-gather
+of everything; ``fsdp="local"`` moves nothing but a flag per parameter.
+
 **Checkpoints.** Two ways, both loading at any world size:
 
 * :func:`save_checkpoint` / :func:`load_checkpoint` (``torch.distributed.checkpoint``)
@@ -46,9 +50,10 @@ step; resume from the last checkpoint (see the README's multi-GPU section).
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -60,16 +65,9 @@ if TYPE_CHECKING:
     from .optimizer import Shampoo
 
 __all__ = [
-    "ExchangeError",
-    "Sharding",
-    "assign_owners",
-    "extra_key",
-    "load_checkpoint",
-    "optimizer_shard",
-    "param_cost",
-    "save_checkpoint",
-    "state_key",
-]
+    "ExchangeError", "Grid", "Sharding", "assign_owners", "extra_key", "from_owners", "grid", "load_checkpoint",
+    "optimizer_shard", "param_cost", "placement_error", "save_checkpoint", "state_key", "to_owners",
+]  # fmt: skip
 
 
 class ExchangeError(RuntimeError):
@@ -150,6 +148,39 @@ class Sharding:
             cursor[o] += n
         return out
 
+    def all_to_all(self, step: int, send: list[list[Tensor]], recv_bytes: list[int]) -> list[Tensor]:
+        """One ``all_to_all_single`` of bytes: ``send[r]`` (tensors, in order) goes to rank ``r``;
+        returns, per source rank, the ``recv_bytes[r]`` bytes it sent here (uint8, this rank's own empty)."""
+        parts = [[t.contiguous().view(-1).view(torch.uint8) for t in ts] for ts in send]
+        split_in = [sum(t.numel() for t in ts) for ts in parts]
+        device = next((t.device for ts in parts for t in ts), torch.device("cpu"))
+        flat = [t for ts in parts for t in ts]
+        buf = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8, device=device)
+        out = torch.empty(sum(recv_bytes), dtype=torch.uint8, device=device)
+        start, cpu = time.perf_counter(), time.process_time()
+        try:
+            dist.all_to_all_single(out, buf, output_split_sizes=list(recv_bytes), input_split_sizes=split_in,
+                                   group=self.group)  # fmt: skip
+        except Exception as e:  # a dead peer: connection closed, or the group's timeout
+            raise ExchangeError(f"exchanging shards at step {step} failed on rank {self.rank}: {e}") from e
+        self.exchange_s += time.perf_counter() - start
+        self.exchange_cpu_s += time.process_time() - cpu
+        self.bytes_received += sum(recv_bytes)
+        return list(out.split(list(recv_bytes)))
+
+    def all_true(self, step: int, flags: Tensor) -> Tensor:
+        """``flags`` (one per item, 0 or 1) and-ed over the group: the same answer on every rank."""
+        out = flags.to(torch.float32)
+        start, cpu = time.perf_counter(), time.process_time()
+        try:
+            dist.all_reduce(out, op=dist.ReduceOp.MIN, group=self.group)
+        except Exception as e:
+            raise ExchangeError(f"checking the gradients at step {step} failed on rank {self.rank}: {e}") from e
+        self.exchange_s += time.perf_counter() - start
+        self.exchange_cpu_s += time.process_time() - cpu
+        self.bytes_received += (self.world - 1) * out.numel() * 4  # as if each rank's flags came to every rank
+        return out > 0
+
     def __getstate__(self) -> dict[str, Any]:
         """A copy (deepcopy, pickle) shares the work in the default group, as its original did."""
         if self.group not in (None, dist.group.WORLD):
@@ -166,6 +197,153 @@ class Sharding:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj, group=self.group)
         return out
+
+
+# ---------------------------------------------------------------------------- FSDP2 and HSDP
+# A DTensor parameter (``fully_shard``) is split by rows (``Shard(0)``) over one mesh dim, and
+# copied over another (``Replicate()``: HSDP's replica groups). Its rows live on a grid of ranks:
+# ``ranks[r][s]`` holds rows ``rows[s]`` in replica ``r``. ``Shampoo(fsdp=...)`` chooses:
+#
+# * ``"lossless"``: a parameter's owner (any rank of the grid, :func:`assign_owners` over the
+#   whole group) receives the rows it lacks from the holders in its own replica
+#   (:func:`to_owners`), computes the update of the whole parameter as one process would,
+#   and sends each holder its rows of it (:func:`from_owners`): two ``all_to_all`` per step.
+# * ``"local"``: every rank preconditions the blocks of its own rows (no exchange); under
+#   HSDP each replica group splits that work ZeRO-1 style (:meth:`Sharding.share` in the
+#   mesh's replicate group).
+
+
+class Grid(NamedTuple):
+    """Where the rows of one DTensor parameter live: ``ranks[r][s]`` (ranks of the optimizer's
+    group) holds rows ``rows[s][0] … rows[s][1] − 1`` in replica ``r``."""
+
+    ranks: tuple[tuple[int, ...], ...]
+    rows: tuple[tuple[int, int], ...]
+    replicate_dim: int | None  # the mesh dim of the replicas (HSDP), if any
+
+    def where(self, rank: int) -> tuple[int, int]:
+        """(replica, shard) of ``rank``."""
+        for r, line in enumerate(self.ranks):
+            if rank in line:
+                return r, line.index(rank)
+        raise ValueError(f"rank {rank} holds no rows of this parameter")
+
+
+SUPPORTED_PLACEMENTS = "FSDP2 and HSDP placements: Shard(0) on one mesh dim, Replicate() on at most one other"
+
+
+def placement_error(p: Tensor) -> str | None:
+    """Why Shampoo can't step the DTensor ``p`` (tensor parallel, ``Partial``, …); None if it can."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = tuple(p.placements)  # type: ignore[attr-defined]
+    shards = [pl for pl in placements if type(pl) is Shard and pl.dim == 0]
+    replicas = [pl for pl in placements if type(pl) is Replicate]
+    if len(shards) + len(replicas) == len(placements) and len(shards) <= 1 and len(replicas) <= 1:
+        return None
+    return f"placements {placements} on a mesh of shape {tuple(p.device_mesh.shape)}"  # type: ignore[attr-defined]
+
+
+def grid(p: Tensor, group: Any) -> Grid:
+    """The :class:`Grid` of the DTensor ``p`` (its placements checked by :func:`placement_error`),
+    in ranks of ``group``, which must hold every rank of ``p``'s mesh."""
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = p.device_mesh, tuple(p.placements)  # type: ignore[attr-defined]
+    ranks = mesh.mesh
+    shard_dim = next((d for d, pl in enumerate(placements) if type(pl) is Shard), None)
+    replicate_dim = next((d for d, pl in enumerate(placements) if type(pl) is not Shard), None)
+    table = ranks.movedim(shard_dim, -1).reshape(-1, ranks.shape[shard_dim]) if shard_dim is not None \
+        else ranks.reshape(-1, 1)  # fmt: skip
+    world = dist.get_world_size(group)
+    try:
+        in_group = [[dist.get_group_rank(group, int(g)) for g in line] for line in table.tolist()]
+    except (ValueError, RuntimeError):
+        in_group = []
+    if not in_group or sorted(r for line in in_group for r in line) != list(range(world)):
+        raise ValueError(
+            f"a DTensor parameter's mesh (ranks {ranks.flatten().tolist()}) must be the whole process_group "
+            f"({world} ranks) that Shampoo shares its work in"
+        )
+    n, shards = p.shape[0], table.shape[1]
+    chunk = -(-n // shards)  # torch.chunk's: the last shards may be short or empty
+    rows = tuple((min(s * chunk, n), min((s + 1) * chunk, n)) for s in range(shards))
+    return Grid(tuple(tuple(line) for line in in_group), rows, replicate_dim)
+
+
+def _row_bytes(shape: torch.Size, dtype: torch.dtype) -> int:
+    return math.prod(shape[1:]) * dtype.itemsize
+
+
+def to_owners(sh: Sharding, step: int, grids: list[Grid], owners: list[int], shapes: list[torch.Size],
+              shards: list[Tensor]) -> list[Tensor | None]:  # fmt: skip
+    """The whole gradient of each item this rank owns (None for the others): one ``all_to_all``.
+
+    ``grids``, ``owners`` and ``shapes`` (the whole gradient's) describe every item, the same on
+    every rank; ``shards`` are this rank's rows of them (one dtype per item on every rank). The
+    owner takes each block of rows from its holder in the owner's replica; the rows are only
+    copied, so the whole gradient is bitwise the one a single process sees."""
+    me = sh.rank
+    send: list[list[Tensor]] = [[] for _ in range(sh.world)]
+    recv = [0] * sh.world
+    for g, o, shape, mine in zip(grids, owners, shapes, shards):
+        replica = g.where(o)[0]
+        for s, (a, b) in enumerate(g.rows):
+            src = g.ranks[replica][s]
+            if src != o and b > a:
+                if src == me:
+                    send[o].append(mine)
+                if o == me:
+                    recv[src] += (b - a) * _row_bytes(shape, mine.dtype)
+    got = sh.all_to_all(step, send, recv)
+    cursor = [0] * sh.world
+    out: list[Tensor | None] = []
+    for g, o, shape, mine in zip(grids, owners, shapes, shards):
+        if o != me:
+            out.append(None)
+            continue
+        replica, parts = g.where(o)[0], []
+        for s, (a, b) in enumerate(g.rows):
+            src, n = g.ranks[replica][s], (b - a) * _row_bytes(shape, mine.dtype)
+            if src == me:
+                parts.append(mine)
+            elif n:
+                parts.append(got[src][cursor[src] : cursor[src] + n].clone().view(mine.dtype).view(b - a, *shape[1:]))
+                cursor[src] += n
+        out.append(torch.cat(parts) if len(parts) > 1 else parts[0].clone())
+    return out
+
+
+def from_owners(sh: Sharding, step: int, grids: list[Grid], owners: list[int], shapes: list[torch.Size],
+                dtypes: list[torch.dtype], mine: list[Tensor | None]) -> list[Tensor]:  # fmt: skip
+    """This rank's rows of every item's update (``mine``: the whole updates of the items this
+    rank owns, already on the wire's dtype, None for the others): one ``all_to_all``."""
+    me = sh.rank
+    send: list[list[Tensor]] = [[] for _ in range(sh.world)]
+    recv = [0] * sh.world
+    for g, o, shape, dtype, d in zip(grids, owners, shapes, dtypes, mine):
+        for line in g.ranks:
+            for dst, (a, b) in zip(line, g.rows):
+                if dst == o or b == a:
+                    continue
+                if o == me:
+                    assert d is not None
+                    send[dst].append(d[a:b])
+                if dst == me:
+                    recv[o] += (b - a) * _row_bytes(shape, dtype)
+    got = sh.all_to_all(step, send, recv)
+    cursor = [0] * sh.world
+    out = []
+    for g, o, shape, dtype, d in zip(grids, owners, shapes, dtypes, mine):
+        a, b = g.rows[g.where(me)[1]]
+        if o == me:
+            assert d is not None
+            out.append(d[a:b])
+        else:
+            n = (b - a) * _row_bytes(shape, dtype)
+            out.append(got[o][cursor[o] : cursor[o] + n].clone().view(dtype).view(b - a, *shape[1:]))
+            cursor[o] += n
+    return out
 
 
 def merge_pending(states: list[dict[str, Any]]) -> dict[str, Any]:

@@ -35,12 +35,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
 from .blocks import BlockPlan, make_plan, normalize_axes
 from .buckets import Buckets, Corrected, Entry, Spec
-from .distributed import Sharding, assign_owners, param_cost
+from .distributed import Grid, Sharding, assign_owners, from_owners, grid, param_cost, placement_error, to_owners
 from .functional import compiled, first_moment_, graft_stage_, heavy_ball_, weight_update_
 from .grafting import GraftingType, bias_correction, graft_directions
 from .groups import PlanTable, plan_table
@@ -49,22 +49,18 @@ from .state import RootInfo, StateCodec, basis_key, diagnostics, info_key, memor
 
 __all__ = ["NonFiniteGrad", "Preconditioner", "Shampoo"]
 
-ParamGrad = tuple[int, dict[str, Any], Tensor, Tensor]  # (index, group, parameter, full gradient)
+ParamGrad = tuple[int, dict[str, Any], Tensor, Tensor]  # (index, group, parameter, gradient; see _params_with_grad)
 _SCHEDULER_METHODS = ("run", "state_dict", "load_state_dict", "close")
 # what a copy or a pickle carries besides torch's defaults, state and param_groups, and
 # what an optimizer pickled by a version that lacked an attribute gets for it
-_COPIED = ("nonfinite_grad", "global_step", "skipped_steps", "batched", "compile_elementwise", "scheduler", "_sharding")
+_COPIED = ("nonfinite_grad", "global_step", "skipped_steps", "batched", "compile_elementwise", "scheduler", "_sharding",
+           "fsdp")  # fmt: skip
+FSDP_MODES = ("lossless", "local")
 
 
-def _full(t: Tensor) -> Tensor:
-    """The whole tensor: a sharded (FSDP2/DTensor) one is gathered, others pass through."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _shard_like(p: Tensor, full: Tensor) -> Tensor:
-    """This rank's shard of ``full``, placed as the sharded parameter ``p`` (no communication)."""
-    assert isinstance(p, DTensor)
-    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: a DTensor's (FSDP2) local shard; other tensors as they are."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Preconditioner(str, Enum):
@@ -184,6 +180,28 @@ class Shampoo(torch.optim.Optimizer):
         communication_dtype: the dtype updates travel in under ``process_group``: ``None``
             (each update's own, fp32 or fp64: bit-identical to one process) or
             ``torch.bfloat16`` (half the bytes; every rank applies the same rounded update).
+            Gradients (``fsdp="lossless"``) always travel in fp32 (fp64 for fp64 parameters).
+        fsdp: how DTensor parameters (FSDP2 ``fully_shard``; HSDP with a 2-D mesh) are stepped.
+            Their placements must be FSDP2's (``Shard(0)``, and ``Replicate()`` on a second
+            mesh dim for HSDP); anything else (tensor parallel, ``Partial``) is a ValueError.
+            A mesh of more than one rank needs ``process_group`` to be the mesh's ranks.
+
+            - ``"lossless"`` (default): each parameter has an owner rank (balanced as under
+              ZeRO-1) that keeps its whole state; an ``all_to_all`` brings it the gradient rows
+              it lacks, it computes the update as one process would, and a second
+              ``all_to_all`` sends each rank its rows of it. **Bit-identical to one process**
+              (in fp32 communication); per-rank state ≈ 1/W; about 2·(W−1)/W² of the
+              parameters' bytes received per rank and step.
+            - ``"local"``: each rank preconditions blocks cut from its own rows (its local
+              shard) as if they were a parameter of their own, and keeps state only for them;
+              no communication but a per-parameter flag all-reduce that makes every rank skip
+              a non-finite step together (under HSDP a replica group splits the work ZeRO-1
+              style, one ``all_gather`` in the replicate dim). Not unsharded Shampoo: a
+              block never spans two shards, so the statistics of a rows-block of a shard are
+              kept instead of the parameter's (rows of different shards are never correlated);
+              block boundaries, the grafting norms (per block) and ``max_preconditioner_dim``
+              apply to the shard's shape; a shard shorter than a block gets a smaller block.
+              The result depends on the world size (checkpoints: not supported yet).
         batched: stack the equal blocks of all parameters (batched matmuls, ``buckets.py``);
             ``False``: a stack per block, the reference it is tested against.
         compile_elementwise: run the first moment, the grafting accumulators and the
@@ -226,6 +244,7 @@ class Shampoo(torch.optim.Optimizer):
         scheduler: RootScheduler | None = None,
         process_group: Any = "default",
         communication_dtype: torch.dtype | None = None,
+        fsdp: str = "lossless",
         batched: bool = True,
         compile_elementwise: bool = False,
     ) -> None:
@@ -251,6 +270,8 @@ class Shampoo(torch.optim.Optimizer):
                  "None or a floating-point torch.dtype")  # fmt: skip
         is_scheduler = scheduler is None or all(callable(getattr(scheduler, m, None)) for m in _SCHEDULER_METHODS)
         _require(is_scheduler, "scheduler", scheduler, f"None or a root scheduler ({', '.join(_SCHEDULER_METHODS)})")
+        _require(fsdp in FSDP_MODES, "fsdp", fsdp, " or ".join(map(repr, FSDP_MODES)))
+        self.fsdp: str = fsdp
         self.nonfinite_grad = NonFiniteGrad(_enum_value(NonFiniteGrad, "nonfinite_grad", nonfinite_grad))
         self.scheduler: RootScheduler = scheduler if scheduler is not None else InlineRoots()
         if process_group == "default":
@@ -265,6 +286,8 @@ class Shampoo(torch.optim.Optimizer):
         self.compile_elementwise = compile_elementwise
         self._buckets = Buckets()  # the engine: stacked blocks; state entries are views of them
         self._placement: dict[Tensor, tuple[torch.device, torch.dtype]] = {}  # where each parameter's state lives
+        self._grids: dict[Tensor, Grid] = {}  # where a DTensor parameter's rows live
+        self._replicas: dict[Any, Sharding] = {}  # fsdp="local" under HSDP: this rank's replicate group
         super().__init__(params, defaults)
         StateCodec.attach(self)
 
@@ -277,6 +300,8 @@ class Shampoo(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._validate(group)
+            first = sum(len(g["params"]) for g in self.param_groups[:-1])  # the index of its first parameter
+            self._check_dtensors(list(enumerate(group["params"], first)))
         except ValueError:
             self.param_groups.pop()
             raise
@@ -315,6 +340,37 @@ class Shampoo(torch.optim.Optimizer):
                     f"state was created for {was[1]} on {was[0]} (was the model moved or cast after the "
                     "optimizer was built?); build the optimizer after model.to(...). No state was changed"
                 )
+
+    def _check_dtensors(self, params: list[tuple[int, Tensor]]) -> None:
+        """Refuse a DTensor parameter (``params``: (index, parameter)) whose placements are not
+        FSDP2's or HSDP's (tensor parallel, ``Partial``), or whose mesh is not the process group;
+        records where its rows live. Run as a param group is added, before it has any state."""
+        for i, p in params:
+            if not isinstance(p, DTensor) or p in self._grids:
+                continue
+            why = placement_error(p)
+            if why is not None:
+                raise ValueError(
+                    f"parameter {i} (shape {tuple(p.shape)}) is a DTensor with {why}: Shampoo steps only "
+                    "FSDP2/HSDP parameters (placements Shard(0) on one mesh dim, Replicate() on at most one "
+                    "other), not tensor-parallel (Shard(d) for d ≠ 0, strided shards) or Partial ones. "
+                    "No state was changed"
+                )
+            if p.device_mesh.size() > 1 and self._sharding is None:
+                raise ValueError(
+                    f"process_group=None, but parameter {i} is a DTensor sharded over {p.device_mesh.size()} "
+                    "ranks: its rows must be exchanged (fsdp='lossless') or its step agreed on (fsdp='local') "
+                    "in the process group of its mesh (the default)"
+                )
+            if self._sharding is not None:
+                try:
+                    where = grid(p, self._sharding.group)
+                except ValueError as e:
+                    raise ValueError(f"parameter {i}: {e}") from None
+                a, b = where.rows[where.where(self._sharding.rank)[1]]
+                if _local(p).shape[0] != b - a:
+                    raise ValueError(f"parameter {i}: its local shard is not rows {a}…{b - 1} of it (torch.chunk's)")
+                self._grids[p] = where
 
     @staticmethod
     def _validate(g: dict[str, Any]) -> None:
@@ -410,6 +466,14 @@ class Shampoo(torch.optim.Optimizer):
         """p of V^(1/p) in the eigenvalue-corrected step (2: Adam's √), or 0 for the root preconditioner."""
         return (group["exponent_override"] or 2) if _corrected(group) else 0
 
+    def state_dict(self) -> dict[str, Any]:
+        if self._sharding is not None and any(self._is_local(p) for g in self.param_groups for p in g["params"]):
+            raise NotImplementedError(
+                "state_dict() of fsdp='local' state on more than one rank is not supported yet: each rank's "
+                "state is of its own shards and would not merge into one checkpoint; use fsdp='lossless'"
+            )
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._placement.clear()  # the loaded state was cast to where the parameters are now
@@ -426,7 +490,7 @@ class Shampoo(torch.optim.Optimizer):
         default therefore reproduces the behaviour from before it existed.
         """
         skip = {"self", "params", "nonfinite_grad", "scheduler", "process_group", "communication_dtype", "batched",
-                "compile_elementwise"}  # fmt: skip
+                "compile_elementwise", "fsdp"}  # fmt: skip
         sig = inspect.signature(cls.__init__).parameters
         defaults = {name: prm.default for name, prm in sig.items() if name not in skip}
         return {k: v.value if isinstance(v, Enum) else v for k, v in defaults.items()}  # as groups hold them
@@ -453,17 +517,19 @@ class Shampoo(torch.optim.Optimizer):
         if "_buckets" not in self.__dict__:  # a copy or an unpickled optimizer, not a load_state_dict
             fallback = dict(nonfinite_grad=NonFiniteGrad.SKIP, skipped_steps=0, batched=True, compile_elementwise=False,
                             global_step=max((int(s["step"]) for s in self.state.values() if "step" in s), default=0),
-                            _sharding=None)  # fmt: skip
+                            _sharding=None, fsdp="lossless")  # fmt: skip
             for name in _COPIED:
                 if name not in self.__dict__:
                     setattr(self, name, InlineRoots() if name == "scheduler" else fallback[name])
             self._buckets = Buckets()
             self._owner_cache = ((), [])
             self._placement = {}
+            self._grids, self._replicas = {}, {}
             StateCodec.attach(self)  # torch's __setstate__ starts with no hooks: the library's come back
 
     def _params_with_grad(self) -> list[ParamGrad]:
-        """(index, group, parameter, full gradient) of every parameter with a gradient."""
+        """(index, group, parameter, gradient) of every parameter with a gradient: the whole
+        gradient, or a DTensor's local shard of it (FSDP2: nothing is gathered here)."""
         out = []
         index = 0
         for group in self.param_groups:
@@ -471,7 +537,7 @@ class Shampoo(torch.optim.Optimizer):
                 if p.grad is not None and p.numel() > 0:
                     if p.grad.is_sparse:
                         raise ValueError(f"sparse gradients are not supported (parameter {index})")
-                    out.append((index, group, p, _full(p.grad)))
+                    out.append((index, group, p, _local(p.grad)))
                 index += 1
         return out
 
@@ -482,13 +548,24 @@ class Shampoo(torch.optim.Optimizer):
         every statistic and accumulator finite (1.8e16 for a million fp32 entries).
         """
 
-        def limit(p: Tensor, grad: Tensor) -> float:
-            return float((torch.finfo(self._state_dtype(p)).max / grad.numel()) ** 0.5)
+        def limit(p: Tensor, grad: Tensor) -> float:  # of the whole parameter (a shard's is larger)
+            return float((torch.finfo(self._state_dtype(p)).max / p.numel()) ** 0.5)
 
         def peak(grad: Tensor) -> Tensor:  # max|G| without an |G| copy (NaN stays NaN)
             lo, hi = torch.aminmax(grad)
             return torch.maximum(hi, lo.neg())
 
+        if self._sharding is not None and any(isinstance(p, DTensor) for _, _, p, _ in params):
+            # each rank sees its shards only: every rank takes (or skips) the step together
+            flags = torch.stack([peak(g) < limit(p, g) if g.numel() else torch.tensor(True, device=g.device)
+                                 for _, _, p, g in params])  # fmt: skip
+            ok = self._sharding.all_true(self.global_step + 1, flags)
+            if bool(ok.all()):
+                return True
+            if self.nonfinite_grad is NonFiniteGrad.RAISE:
+                first = params[int((~ok).nonzero()[0])][0]
+                raise FloatingPointError(f"non-finite gradient in parameter {first}; no state was changed")
+            return False
         per_device: dict[torch.device, list[tuple[Tensor, Tensor]]] = {}
         for _, _, p, grad in params:
             per_device.setdefault(grad.device, []).append((p, grad))
@@ -517,11 +594,10 @@ class Shampoo(torch.optim.Optimizer):
         self.global_step += 1
 
         every = params
-        if self._sharding is not None:  # ZeRO-1: this rank's parameters only, until the updates are shared
-            owners = self.owners()
-            params = [pg for pg in params if owners[pg[0]] == self._sharding.rank]
-        # G ← ∇W (+ λW with L2 weight decay)
-        grads = [self._gradient(p, grad, group) for _, group, p, grad in params]
+        # G ← ∇W (+ λW with L2 weight decay), of what this rank updates: everything on one process;
+        # its own parameters (ZeRO-1, FSDP2 "lossless": their gradient rows come over all_to_all);
+        # the blocks of its local shards (FSDP2 "local")
+        params, grads = self._my_work(every)
         steps = self._count_steps(params)
         self._buckets.bind(self.state, self._entries(params, grads), self.batched)
         # L_i ← β₂·L_i + w·G₍ᵢ₎G₍ᵢ₎ᵀ, per block and axis
@@ -540,35 +616,119 @@ class Shampoo(torch.optim.Optimizer):
         self._keep_second_moments(params, corrected)
         # B ← μB + P
         directions = self._momentum(params, directions)
-        if self._sharding is not None:  # every rank gets every update: one all_gather
-            directions = self._share(every, owners, directions)
-        # W ← W(1 − lr·λ) − lr·P
+        if self._sharding is not None:  # every rank gets the update of what it holds
+            directions = self._share(every, params, directions)
+        # W ← W(1 − lr·λ) − lr·P, on this rank's shard of each parameter
         self._apply_updates(every, directions)
         return loss
 
     def owners(self) -> list[int]:
-        """The rank that owns each parameter (param_groups order): a pure function of the shapes,
-        the options and the world size (all zeros without sharding). Cached until they change."""
+        """The rank that computes each parameter's update (param_groups order; all zeros without
+        sharding). Parameters and FSDP2 ``"lossless"`` DTensors: one owner per parameter, a pure
+        function of the shapes, the options and the world size, the same on every rank. FSDP2
+        ``"local"``: each rank its own shards' (under HSDP, a rank of its replica group, chosen
+        as above among the replicas). Cached until the plans change."""
         if self._sharding is None:
             return [0] * sum(len(g["params"]) for g in self.param_groups)
-        plans = [(self.plan(p, g), g["precondition_frequency"]) for g in self.param_groups for p in g["params"]]
-        key = (self._sharding.world, plans)
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        plans = [(self._work_plan(p, g), g["precondition_frequency"]) for p, g in params]
+        key = (self._sharding.world, self.fsdp, plans)
         if self._owner_cache[0] != key:
-            self._owner_cache = (key, assign_owners([param_cost(*pf) for pf in plans], self._sharding.world))
+            local = [self._is_local(p) for p, _ in params]
+            costs = [param_cost(*pf) for pf in plans]
+            owners = assign_owners([0.0 if lo else c for lo, c in zip(local, costs)], self._sharding.world)
+            replicas: dict[tuple[int, ...], list[int]] = {}  # "local": who shares this rank's shards
+            for i, (p, _) in enumerate(params):
+                if local[i]:
+                    g = self._grids[p]
+                    replicas.setdefault(tuple(line[g.where(self._sharding.rank)[1]] for line in g.ranks), []).append(i)
+            for column, items in replicas.items():
+                for i, r in zip(items, assign_owners([costs[i] for i in items], len(column))):
+                    owners[i] = column[r]
+            self._owner_cache = (key, owners)
         return self._owner_cache[1]
 
-    def _share(self, every: list[ParamGrad], owners: list[int], mine: list[Tensor]) -> list[Tensor]:
-        """All updates (P after momentum) of ``every`` parameter, from their owners' ``mine``."""
+    def _is_local(self, p: Tensor) -> bool:
+        """Whether ``p``'s update is computed from this rank's shard (FSDP2 ``"local"``)."""
+        return self.fsdp == "local" and isinstance(p, DTensor)
+
+    def _work_plan(self, p: Tensor, group: dict[str, Any]) -> BlockPlan:
+        """The plan of what this rank preconditions of ``p``: its local shard under FSDP2
+        ``"local"``, else the whole parameter (:meth:`plan`)."""
+        return self.plan(_local(p) if self._is_local(p) else p, group)
+
+    def _my_work(self, every: list[ParamGrad]) -> tuple[list[ParamGrad], list[Tensor]]:
+        """The parameters (with the gradients G) whose updates this rank computes."""
+        if self._sharding is None:
+            return every, [self._gradient(p, grad, group) for _, group, p, grad in every]
+        owners, rank = self.owners(), self._sharding.rank
+        whole: dict[int, Tensor] = {}  # "lossless": this rank's parameters' gradients, gathered at their owners
+        lossless = [pg for pg in every if isinstance(pg[2], DTensor) and not self._is_local(pg[2])]
+        if lossless:
+            got = to_owners(self._sharding, self.global_step, [self._grids[p] for _, _, p, _ in lossless],
+                            [owners[i] for i, *_ in lossless], [p.shape for _, _, p, _ in lossless],
+                            [self._gradient(p, grad, group) for _, group, p, grad in lossless])  # fmt: skip
+            whole = {i: g for (i, *_), g in zip(lossless, got) if g is not None}
+        params, grads = [], []
+        for i, group, p, grad in every:
+            if owners[i] == rank and (i in whole or grad.numel() > 0):  # "local": a shard may have no rows
+                g = whole[i] if i in whole else self._gradient(p, grad, group)
+                params.append((i, group, p, g))
+                grads.append(g)
+        return params, grads
+
+    def _share(self, every: list[ParamGrad], params: list[ParamGrad], mine: list[Tensor]) -> list[Tensor]:
+        """The update (P after momentum) of this rank's part of ``every`` parameter, from the
+        updates ``mine`` of the ``params`` it computed: one ``all_gather`` of those of replicated
+        parameters (ZeRO-1), one ``all_to_all`` of the rows of FSDP2 ``"lossless"`` ones, and under
+        HSDP ``"local"`` one ``all_gather`` in the replica group."""
+        sh = self._sharding
+        assert sh is not None
+        owners, by_index = self.owners(), {i: d for (i, *_), d in zip(params, mine)}
+        out: dict[int, Tensor] = {}
+        plain = [pg for pg in every if not isinstance(pg[2], DTensor)]
+        if plain:
+            shapes = [(torch.Size(g.shape), sh.communication_dtype or self._state_dtype(p)) for _, _, p, g in plain]
+            got = sh.share(self.global_step, [owners[i] for i, *_ in plain], shapes,
+                           [sh.wire(by_index[i]) for i, *_ in plain if i in by_index])  # fmt: skip
+            out |= {i: d for (i, *_), d in zip(plain, got)}
+        lossless = [pg for pg in every if isinstance(pg[2], DTensor) and not self._is_local(pg[2])]
+        if lossless:
+            got = from_owners(sh, self.global_step, [self._grids[p] for _, _, p, _ in lossless],
+                              [owners[i] for i, *_ in lossless], [p.shape for _, _, p, _ in lossless],
+                              [sh.communication_dtype or self._state_dtype(p) for _, _, p, _ in lossless],
+                              [sh.wire(by_index[i]) if i in by_index else None for i, *_ in lossless])  # fmt: skip
+            out |= {i: d for (i, *_), d in zip(lossless, got)}
+        out |= {i: g for i, _, p, g in every if self._is_local(p) and g.numel() == 0}  # no rows here: nothing
+        local = [pg for pg in every if self._is_local(pg[2]) and pg[3].numel() > 0]
+        if local and len(self._grids[local[0][2]].ranks) > 1:  # HSDP: the replicas share the work
+            out |= self._share_replicas(local, owners, by_index)
+        else:
+            out |= {i: by_index[i] for i, *_ in local}
+        return [out[i] for i, *_ in every]
+
+    def _share_replicas(self, local: list[ParamGrad], owners: list[int], mine: dict[int, Tensor]) -> dict[int, Tensor]:
+        """FSDP2 ``"local"`` under HSDP: the updates of this rank's shards, computed by the
+        ranks of its replica group (one ``all_gather`` in the mesh's replicate dim)."""
         assert self._sharding is not None
-        wire = self._sharding.communication_dtype
-        shapes = [(torch.Size(grad.shape), wire or self._state_dtype(p)) for _, _, p, grad in every]
-        return self._sharding.share(self.global_step, [owners[i] for i, *_ in every], shapes,
-                                    [self._sharding.wire(d) for d in mine])  # fmt: skip
+        p0 = local[0][2]
+        assert isinstance(p0, DTensor)
+        g = self._grids[p0]
+        if p0.device_mesh not in self._replicas:
+            assert g.replicate_dim is not None
+            self._replicas[p0.device_mesh] = Sharding(p0.device_mesh.get_group(g.replicate_dim),
+                                                     self._sharding.communication_dtype)  # fmt: skip
+        rep = self._replicas[p0.device_mesh]
+        column = [line[g.where(self._sharding.rank)[1]] for line in g.ranks]
+        shapes = [(torch.Size(grad.shape), rep.communication_dtype or self._state_dtype(p)) for _, _, p, grad in local]
+        got = rep.share(self.global_step, [column.index(owners[i]) for i, *_ in local], shapes,
+                        [rep.wire(mine[i]) for i, *_ in local if i in mine])  # fmt: skip
+        return {i: d for (i, *_), d in zip(local, got)}
 
     def _gradient(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
         g = grad.to(self._state_dtype(p))
         if group["weight_decay"] and not group["decoupled_weight_decay"]:
-            g = g.add(_full(p).to(g.dtype), alpha=group["weight_decay"])  # L2: G ← G + λW
+            g = g.add(_local(p).to(g.dtype), alpha=group["weight_decay"])  # L2: G ← G + λW (of this shard)
         return g
 
     def _count_steps(self, params: list[ParamGrad]) -> list[int]:
@@ -585,9 +745,9 @@ class Shampoo(torch.optim.Optimizer):
     def _entries(self, params: list[ParamGrad], grads: list[Tensor]) -> list[Entry]:
         """What the engine stacks: each parameter's plan, dtypes, device, β₂ and rescaling."""
         return [
-            Entry(p, self.plan(p, group), Spec(g.dtype, g.device, group["root_storage_dtype"] or g.dtype,
-                                               group["betas"][1], _grafting(group) is not GraftingType.NONE,
-                                               self._eigen_p(group), _rotated_first_moment(group)))
+            Entry(p, self._work_plan(p, group), Spec(g.dtype, g.device, group["root_storage_dtype"] or g.dtype,
+                                                     group["betas"][1], _grafting(group) is not GraftingType.NONE,
+                                                     self._eigen_p(group), _rotated_first_moment(group)))
             for (_, group, p, _), g in zip(params, grads)
         ]  # fmt: skip
 
@@ -595,7 +755,7 @@ class Shampoo(torch.optim.Optimizer):
         start, every = group["start_preconditioning_step"], group["precondition_frequency"]
         if step < start or (step - start) % every:
             return []
-        state, plan, opts = self.state[p], self.plan(p, group), self._root_options(group)
+        state, plan, opts = self.state[p], self._work_plan(p, group), self._root_options(group)
         return [
             RootJob((index, b, a), step, state[stat_key(b, a)], block.exponent(group["exponent_override"]), opts)
             for b, block in enumerate(plan.blocks)
@@ -685,7 +845,7 @@ class Shampoo(torch.optim.Optimizer):
             if _rotated_first_moment(group):  # M is updated per block in _second_moments
                 ms = [m.clone() for m in ms]
             accs = [self._buffer(p, "graft_acc", g) for p, g in zip(ps, gs)] if kind.has_accumulator else []
-            plans = [self.plan(p, group) for p in ps]
+            plans = [self._work_plan(p, group) for p in ps]
             if self.compile_elementwise and not kind.normalized:  # step counts as tensors: no recompiles
                 ts: list[Any] = [self.state[p]["step"] for p in ps]
                 stage = compiled(graft_stage_)
@@ -720,7 +880,7 @@ class Shampoo(torch.optim.Optimizer):
                 m_new = [m.clone() for m in ms]  # type: ignore[union-attr]
                 first_moment_(m_new, gs, beta1, ts)  # type: ignore[arg-type]
             adam = graft_directions(GraftingType.ADAM, gs, [xs[i] for i in pos], v_new, steps=ts, beta2=beta2,
-                                    eps=eps, plans=[self.plan(p, group) for p in ps])  # fmt: skip
+                                    eps=eps, plans=[self._work_plan(p, group) for p in ps])  # fmt: skip
             for i, t, v, vn, m, mn, a in zip(pos, ts, vs, v_new, ms, m_new, adam):
                 bias = float(bias_correction(beta2, t)) ** (1 / p_) if beta2 < 1 else 1.0
                 out[i] = Corrected(a, v, vn, eps, bias, m, mn, beta1, float(bias_correction(beta1, t)))
@@ -753,9 +913,8 @@ class Shampoo(torch.optim.Optimizer):
         """W ← W(1 − lr·λ) − lr·P, fused per group of tensors."""
         for pos in self._fused(params):
             group = params[pos[0]][1]
-            ps, dirs = [params[i][2] for i in pos], [directions[i].to(params[i][2].dtype) for i in pos]
-            if isinstance(ps[0], DTensor):  # this rank's shard of the full update, no communication
-                dirs = [_shard_like(p, d) for p, d in zip(ps, dirs)]
+            ps = [_local(params[i][2]) for i in pos]  # a DTensor's shard: its rows of the update came here
+            dirs = [directions[i].to(ps[k].dtype) for k, i in enumerate(pos)]
             decay = group["weight_decay"] if group["decoupled_weight_decay"] else 0.0
             lr = float(group["lr"])  # a Tensor lr: its value, bit-identical to that float
             if self.compile_elementwise:  # the lr as a tensor: a schedule does not recompile

@@ -418,7 +418,7 @@ def diagnostics(opt: Shampoo) -> dict[str, Any]:
             if not state:
                 continue
             step = int(state["step"])
-            for b, block in enumerate(opt.plan(p, group).blocks):
+            for b, block in enumerate(opt._work_plan(p, group).blocks):  # fsdp="local": the shard's blocks
                 for a in block.axes:
                     info = RootInfo.from_tensor(state.get(info_key(b, a)))
                     attempted = info_key(b, a) in state
