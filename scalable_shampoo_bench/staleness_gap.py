@@ -1,14 +1,14 @@
 """The loss lost to staleness: background (latency mode) against inline, per seed, from runs.csv.
 
 Pairs of optimizer labels in one ``runs.csv`` (as written by ``shampoo-bench`` and
-``report``), each ``INLINE=BACKGROUND`` at one lr: for every seed both ran, the final eval
-metric of each and their difference (background − inline; positive: the background run
-ended worse, for a lower-is-better metric), the median difference, and the largest
+``report``), each ``INLINE|BACKGROUND@LR`` (labels hold ``=``, so ``|`` separates them):
+for every seed both ran, the final eval metric of each and their difference (background −
+inline; positive: the background run ended worse, for a lower-is-better metric), the median difference, and the largest
 staleness seen in the background run's ``diagnostics.csv`` (if given). Prints a table and
 writes JSON::
 
     python -m scalable_shampoo_bench.staleness_gap scalable_shampoo_bench/results/lm-ec/runs.csv \\
-        --pair "shampoo=shampoo[scheduler='latency']@6e-3" --out gap.json
+        --pair "shampoo|shampoo[scheduler='latency']@6e-3" --out gap.json
 """
 
 from __future__ import annotations
@@ -59,14 +59,14 @@ def main(argv: list[str] | None = None) -> None:
     doc = (__doc__ or "").split("\n")[0]
     p = argparse.ArgumentParser(prog="python -m scalable_shampoo_bench.staleness_gap", description=doc)
     p.add_argument("runs", type=Path, help="a runs.csv")
-    p.add_argument("--pair", action="append", required=True, metavar="INLINE=BACKGROUND@LR")
+    p.add_argument("--pair", action="append", required=True, metavar="INLINE|BACKGROUND@LR")
     p.add_argument("--diagnostics", action="append", default=[], type=Path, help="diagnostics.csv files (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="JSON output file")
     args = p.parse_args(argv)
     results = []
     for spec in args.pair:
         names, _, lr = spec.rpartition("@")
-        inline, _, background = names.partition("=")
+        inline, _, background = names.partition("|")
         results.append(gap(args.runs, inline, background, float(lr), args.diagnostics))
     print("| inline | background | lr | seed | inline final | background final | gap | max staleness |")
     print("|---|---|---|---|---|---|---|---|")

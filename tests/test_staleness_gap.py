@@ -20,7 +20,7 @@ def test_gap_per_seed_median_and_staleness(tmp_path, capsys):
     diag.write_text("task,optimizer,lr,seed,step,staleness\nlm,bg,0.01,0,20,7\nlm,bg,0.01,0,40,3\nlm,in,0.01,0,20,30\n"
                     "lm,bg,0.01,1,20,\n")
     out = tmp_path / "gap.json"
-    main([str(tmp_path / "runs.csv"), "--pair", "in=bg@1e-2", "--diagnostics", str(diag), "--out", str(out)])
+    main([str(tmp_path / "runs.csv"), "--pair", "in|bg@1e-2", "--diagnostics", str(diag), "--out", str(out)])
     result = json.loads(out.read_text())["pairs"][0]
     gaps = [round(s["gap"], 6) for s in result["seeds"]]
     assert gaps == [0.1, -0.1, 0.5] and math.isclose(result["median_gap"], 0.1)
