@@ -51,15 +51,20 @@ def make_optimizer(
 
     ``embedding_groups`` (the ctr tasks): every Shampoo variant gets its params from
     ``param_groups_for(model)``, so embedding tables are preconditioned on their d side
-    only; ``shampoo_full_tables`` is Shampoo without it (every axis ≤ 4096 keeps a statistic)."""
+    only; ``shampoo_full_tables`` is Shampoo without it (every axis ≤ 4096 keeps a statistic).
+    A variant's ``embedding_axes`` goes to ``param_groups_for`` (``shampoo[embedding_axes=()]``:
+    the tables keep no statistic and take the grafting update alone)."""
     params: list[Any] = [p for p in model.parameters() if p.requires_grad]
     if name == "shampoo_full_tables":
         return Shampoo(params, lr=lr, weight_decay=weight_decay)
+    variant = shampoo_variant(name)
+    axes = variant.pop("embedding_axes", (-1,)) if variant is not None else (-1,)
+    if variant is not None and axes != (-1,) and not embedding_groups:
+        raise ValueError(f"optimizer {name!r}: embedding_axes applies only to tasks with embedding groups (ctr)")
     if embedding_groups:
-        params = param_groups_for(model)
+        params = param_groups_for(model, embedding_axes=axes)
     if name == "shampoo":
         return Shampoo(params, lr=lr, weight_decay=weight_decay)
-    variant = shampoo_variant(name)
     if variant is not None:
         return Shampoo(params, **{"lr": lr, "weight_decay": weight_decay, **_with_scheduler(variant)})
     if name == "shampoo_bf16roots":

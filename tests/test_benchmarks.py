@@ -251,3 +251,20 @@ def test_ctr_shampoo_preconditions_tables_on_their_d_side_only() -> None:
     assert rows["0.weight"]["preconditioned"] == [(1,)]
     assert {r["name"]: r for r in full.plan_table(model).rows}["0.weight"]["preconditioned"] == [(0,), (1,)]  # type: ignore[attr-defined]
     assert TASKS["ctr"].embedding_groups and TASKS["ctr_onepass"].embedding_groups
+
+
+def test_a_variant_s_embedding_axes_reach_the_tables_group_only() -> None:
+    from scalable_shampoo_bench.optimizers import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 8), torch.nn.Linear(8, 4))
+    adam_tables = make_optimizer(
+        "shampoo[embedding_axes=();exponent_override=2]", model, 1e-3, 0.0, embedding_groups=True
+    )
+    rows = {r["name"]: r for r in adam_tables.plan_table(model).rows}  # type: ignore[attr-defined]
+    assert rows["0.weight"]["preconditioned"] == []  # no statistic: the grafting update alone
+    assert rows["1.weight"]["preconditioned"] == [(0,), (1,)]  # the Linear is unchanged
+    assert all(g["exponent_override"] == 2 for g in adam_tables.param_groups)  # the rest reaches Shampoo
+    both = make_optimizer("shampoo[embedding_axes=None]", model, 1e-3, 0.0, embedding_groups=True)
+    assert {r["name"]: r for r in both.plan_table(model).rows}["0.weight"]["preconditioned"] == [(0,), (1,)]  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"embedding_axes applies only to tasks with embedding groups"):
+        make_optimizer("shampoo[embedding_axes=()]", model, 1e-3, 0.0)
