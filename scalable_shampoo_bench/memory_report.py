@@ -131,7 +131,6 @@ def issue_row_child(model_name: str, block_size: int, steps: int, bf16_roots: bo
     grads = [p.grad for p in model.parameters()]
     before = _live_storages()
     del grads
-    params = set(before)
     opt = Shampoo(model.parameters(), lr=1e-3, betas=(0.9, 0.999), grafting="adam", block_size=block_size,
                   precondition_frequency=10, start_preconditioning_step=10,
                   root_storage_dtype=torch.bfloat16 if bf16_roots else None)  # fmt: skip
@@ -141,6 +140,7 @@ def issue_row_child(model_name: str, block_size: int, steps: int, bf16_roots: bo
         opt.step()
     grads = [p.grad for p in model.parameters()]
     after = _live_storages()
+    params = {t.untyped_storage().data_ptr() for p in model.parameters() for t in (p, p.grad) if t is not None}
     del grads
     held = sum(after.values()) - sum(before.values())  # a count minus a count (new gradients replace the old)
     mem = opt.memory()

@@ -22,10 +22,14 @@ whatever the scheduler returns (paper §3–4, the Lingvo design):
 
 **Threads or a process.** ``workers="thread"`` (the default) runs the
 computation on daemon threads of this process (torch ops release the GIL; the
-worker uses the process's torch thread count, so set it, e.g. 1 on 2 cores).
+worker uses the process's torch thread count, which ``torch.set_num_threads`` sets
+for the whole process, so a worker thread can't have fewer threads than the trainer).
 ``workers="process"`` runs each worker in a spawned process with ``num_threads``
-torch/OpenMP threads (``OMP_WAIT_POLICY=passive``) and an optional ``nice``; it
-costs ~2 s of start-up (importing torch) and pickles each snapshot and root.
+torch/OpenMP threads (``OMP_WAIT_POLICY=passive``); it costs ~2 s of start-up
+(importing torch) and pickles each snapshot and root. ``nice`` (0–19) lowers the
+workers' CPU priority below the trainer's: the worker process's, or each worker
+thread's alone (Linux sets nice per thread; the OpenMP threads a worker thread
+starts inherit it).
 Measured on the 2-core CPU (``python -m scalable_shampoo_bench.background_time``:
 4×Linear(512), eigh roots every 20 steps, 80 steps, 1 torch thread, medians of 3
 interleaved repeats, other processes using ≤ 2% of the CPU; figures in

@@ -59,8 +59,10 @@ from .state import basis_key, root_key, stat_key
 __all__ = ["CHUNK_ELEMENTS", "Bucket", "Buckets", "Corrected", "Entry", "Scratch", "Spec"]
 
 # A bucket is gathered, preconditioned and scattered in chunks of rows of at most this
-# many elements (1 MiB in fp32), or one unit where a unit is larger (see ``Bucket._plan_chunks``).
-CHUNK_ELEMENTS = 1 << 18
+# many elements (16 MiB in fp32), or one unit where a unit is larger (see ``Bucket._plan_chunks``).
+# Smaller chunks (2^18, 2^20) made the step slower at 2 threads (more, smaller batched matmuls,
+# each a parallel region); at 2^22 it was as fast as one chunk per bucket.
+CHUNK_ELEMENTS = 1 << 22
 
 
 class Spec(NamedTuple):
