@@ -37,7 +37,8 @@ view them). A bucket is worked on in *chunks* of consecutive rows of at most
 first tile axis of a parameter gathered with one strided copy), and every chunk
 of every bucket works in the same three scratch buffers (``x``, ``d``, ``mid``) of
 :class:`Scratch`, sized to the largest chunk. So the scratch kept between steps is
-3 chunks, not 4 stacks the size of the parameters. Every row's math is unchanged
+3 chunks, not 4 stacks the size of the parameters (the eigenvalue-corrected step
+also gathers G, V and a rotated M: up to 6 chunks). Every row's math is unchanged
 (batched matmuls compute each row alone), so chunking changes no bit.
 """
 
