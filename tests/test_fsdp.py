@@ -347,3 +347,61 @@ def test_fsdp_mode_must_be_lossless_or_local():
     with pytest.raises(ValueError, match="fsdp must be 'lossless' or 'local', got 'sharded'"):
         Shampoo([w], fsdp="sharded")
     assert Shampoo([w], fsdp="local").fsdp == "local"
+
+
+def local_checkpoint_worker(rank, world, init_file, out_dir, phase):
+    """fsdp="local" through save_checkpoint/load_checkpoint at the same world size: "first" trains,
+    saves and runs on; "resumed" (fresh processes) loads and runs the same steps, after a load
+    into fsdp="lossless" was refused."""
+    from scalable_shampoo.distributed import load_checkpoint, save_checkpoint
+
+    init(rank, world, init_file)
+    ckpt, saved_at, steps = os.path.join(out_dir, "ckpt"), 5, 8  # a root in flight at 5
+    model = shard(build())
+    params = list(model.parameters())
+    opt = Shampoo(groups(params), scheduler=InlineRoots(delay=2), fsdp="local", **FAST)
+    out = {}
+    if phase == "first":
+        for step in range(saved_at):
+            set_grads(params, step)
+            opt.step()
+        save_checkpoint(ckpt, model, opt)
+    else:
+        other = Shampoo(groups(params), fsdp="lossless", **FAST)
+        before = [p.full_tensor() for p in params]
+        try:
+            load_checkpoint(ckpt, model, other)
+        except ValueError as e:
+            out["refused"] = str(e)
+        out["untouched"] = not other.state and all(torch.equal(p.full_tensor(), q) for p, q in zip(params, before))
+        load_checkpoint(ckpt, model, opt)
+        out["pending"] = len(opt.scheduler.state_dict()["pending"])
+    for step in range(saved_at, steps):
+        set_grads(params, step)
+        opt.step()
+    out["params"] = [p.full_tensor() for p in params]
+    out["state"] = {i: dict(opt.state[p]) for i, p in enumerate(params) if p in opt.state}
+    out["global_step"] = opt.global_step
+    torch.save(out, os.path.join(out_dir, f"{phase}{rank}.pt"))
+    finish()
+
+
+def test_fsdp2_local_checkpoint_resumes_bitwise_at_the_same_world_size(tmp_path):
+    world = 2
+    for phase in ("first", "resumed"):
+        mp.spawn(local_checkpoint_worker, args=(world, str(tmp_path / f"init_{phase}"), str(tmp_path), phase),
+                 nprocs=world)  # fmt: skip
+    for rank in range(world):
+        first, resumed = (torch.load(tmp_path / f"{ph}{rank}.pt", weights_only=True) for ph in ("first", "resumed"))
+        assert all(torch.equal(a, b) for a, b in zip(first["params"], resumed["params"]))
+        assert first["global_step"] == resumed["global_step"] == 8
+        # every rank holds state of its own shards of every parameter, the same as uninterrupted
+        assert sorted(first["state"]) == sorted(resumed["state"]) == list(range(6))
+        for i, state in first["state"].items():
+            got = resumed["state"][i]
+            assert sorted(state) == sorted(got), i
+            assert all(torch.equal(v, got[k]) if torch.is_tensor(v) else v == got[k] for k, v in state.items()), i
+        assert resumed["pending"] > 0  # root results in flight at the checkpoint came back
+        assert "fsdp='local' state of mesh shape (2,)" in resumed["refused"]
+        assert "fsdp='lossless'" in resumed["refused"] and "nothing was loaded" in resumed["refused"]
+        assert resumed["untouched"] is True

@@ -371,12 +371,48 @@ def filter_pending(state: dict[str, Any], owned: set[int]) -> dict[str, Any]:
 META_KEY = "optimizer.meta"
 
 
-def state_key(index: int, key: str) -> str:  # one tensor of parameter ``index``'s state
-    return f"optimizer.state.{index}.{key}"
+def state_key(index: int, key: str, shard: int | None = None) -> str:  # one tensor of parameter ``index``'s state
+    # fsdp="local": the state of shard ``shard`` (its place in the mesh's shard dim) of the parameter
+    return f"optimizer.state.{index}.{key}" if shard is None else f"optimizer.state.{index}.shard{shard}.{key}"
 
 
-def extra_key(index: int) -> str:  # its other entries (root methods) and pending root results
-    return f"optimizer.extra.{index}"
+def extra_key(index: int, shard: int | None = None) -> str:  # its other entries (root methods) and pending roots
+    return f"optimizer.extra.{index}" if shard is None else f"optimizer.extra.{index}.shard{shard}"
+
+
+def _local_meshes(optimizer: Shampoo) -> list[list[int] | None]:
+    """Per parameter, the shape of its mesh where its state is of this rank's shard (FSDP2
+    ``"local"``), else None: such state loads only on the same mesh, into ``"local"``."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return [list(p.device_mesh.shape) if optimizer._is_local(p) else None for p in params]  # type: ignore[attr-defined]
+
+
+def _shard_of(optimizer: Shampoo, index: int, p: Tensor) -> int | None:
+    """This rank's shard of parameter ``index`` where its state is per shard (``"local"``), else None."""
+    if not optimizer._is_local(p):
+        return None
+    assert optimizer._sharding is not None
+    return optimizer._grids[p].where(optimizer._sharding.rank)[1]
+
+
+def _check_local(meta: dict[str, Any], optimizer: Shampoo) -> None:
+    """A ``ValueError`` naming what differs where per-shard (``"local"``) state would load into
+    another mesh or another mode; nothing is loaded. Checkpoints without the entry hold none."""
+    saved, now = meta.get("local_meshes") or [None] * len(meta["shapes"]), _local_meshes(optimizer)
+    for i, (s, n) in enumerate(zip(saved, now)):
+        if s == n:
+            continue
+        if s is None or n is None:
+            what = (f"fsdp='local' state of mesh shape {tuple(s)}" if s is not None else
+                    f"state of the whole parameter (fsdp={meta.get('fsdp', 'lossless')!r} or not sharded)")
+            here = (f"fsdp='local' on mesh shape {tuple(n)}" if n is not None else
+                    f"fsdp={optimizer.fsdp!r} (state of the whole parameter)")
+            raise ValueError(f"parameter {i}: the checkpoint holds {what}, here it is {here}; "
+                             "build the optimizer with the checkpoint's fsdp mode; nothing was loaded")
+        raise ValueError(f"parameter {i}: the checkpoint holds fsdp='local' state of mesh shape {tuple(s)} (world size "
+                         f"{meta['world_size']}), here the mesh shape is {tuple(n)} (world size "
+                         f"{optimizer._sharding.world if optimizer._sharding is not None else 1}): per-shard state "
+                         "loads only on the same mesh; nothing was loaded")  # fmt: skip
 
 
 def _packed(obj: Any) -> io.BytesIO:
@@ -434,11 +470,12 @@ def optimizer_shard(optimizer: Shampoo) -> dict[str, Any]:
             continue
         if owners[i] != rank:  # each entry must have one writer, or DCP would keep an arbitrary rank's
             raise RuntimeError(f"rank {rank} holds optimizer state of parameter {i}, which rank {owners[i]} owns")
+        shard = _shard_of(optimizer, i, p)  # "local": one writer per shard (its owner among the replicas)
         for k, v in (state or {}).items():
             if torch.is_tensor(v):
-                out[state_key(i, k)] = v.detach()
+                out[state_key(i, k, shard)] = v.detach()
         objects = {k: v for k, v in (state or {}).items() if not torch.is_tensor(v)}
-        out[extra_key(i)] = _packed({"objects": objects, "pending": pending.get(i, [])})
+        out[extra_key(i, shard)] = _packed({"objects": objects, "pending": pending.get(i, [])})
     start, groups = 0, []
     for g in optimizer.param_groups:  # as torch.optim packs them: each parameter as its index
         indices = list(range(start, start + len(g["params"])))
@@ -446,7 +483,8 @@ def optimizer_shard(optimizer: Shampoo) -> dict[str, Any]:
         start += len(indices)
     meta = dict(format_version=FORMAT_VERSION, global_step=optimizer.global_step, skipped_steps=optimizer.skipped_steps,
                 param_groups=groups, shapes=[list(p.shape) for p in params], owners=owners,
-                world_size=sharding.world if sharding is not None else 1,
+                world_size=sharding.world if sharding is not None else 1, fsdp=optimizer.fsdp,
+                local_meshes=_local_meshes(optimizer),
                 scheduler={k: v for k, v in scheduler.items() if k != "pending"})  # fmt: skip
     out[META_KEY] = _packed(meta)
     return out
@@ -510,14 +548,20 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: S
     meta = _unpacked(head[META_KEY])
     check_format(meta)
     groups = check_groups(optimizer, meta["param_groups"], meta["shapes"])
+    _check_local(meta, optimizer)
     owners = _owners_under(optimizer, groups)
     sharding = getattr(optimizer, "_sharding", None)
     rank = sharding.rank if sharding is not None else 0
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     mine = {i for i, o in enumerate(owners) if o == rank}
+    shards = {i: _shard_of(optimizer, i, params[i]) for i in mine}
     wanted: dict[str, Any] = {}
     for fqn, md in stored.items():
         parts = fqn.split(".", 3)
         if parts[0] == "optimizer" and parts[1] in ("state", "extra") and int(parts[2]) in mine:
+            s = shards[int(parts[2])]
+            if s is not None and (parts[3].split(".", 1)[0] if len(parts) > 3 else None) != f"shard{s}":
+                continue  # "local": another shard's entry
             if isinstance(md, TensorStorageMetadata):
                 wanted[fqn] = torch.empty(md.size, dtype=md.properties.dtype)  # DCP reads into it
             else:
@@ -532,7 +576,8 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: S
             continue
         i = int(parts[2])
         if parts[1] == "state":
-            per_param.setdefault(i, {})[parts[3]] = value
+            key = parts[3] if shards[i] is None else parts[3].split(".", 1)[1]  # "local": past "shard{s}."
+            per_param.setdefault(i, {})[key] = value
         else:
             extra = _unpacked(value)
             per_param.setdefault(i, {}).update(extra["objects"])

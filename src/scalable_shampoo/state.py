@@ -181,12 +181,13 @@ class StateCodec:
         saved = list(chain.from_iterable(zip(s["params"], [s] * len(s["params"])) for s in saved_groups))
         for (pid, group), p in zip(saved, params):
             state = sd["state"].get(pid, {})
-            plan = opt.plan(p, {**group, "params": [p]})
+            plan = opt._work_plan(p, {**group, "params": [p]})  # fsdp="local": of this rank's shard
             if "fan-in plans" in FORMATS[version] and state:
                 _check_format1_plan(pid, p, group, plan)
             expected = {key(b, a): (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes
                         for key in (stat_key, basis_key)}  # fmt: skip
-            expected |= {k: tuple(p.shape) for k in ("exp_avg", "exp_avg_sq", "graft_acc", "momentum_buffer")}
+            shape = tuple(p.to_local().shape if opt._is_local(p) else p.shape)  # type: ignore[attr-defined]
+            expected |= {k: shape for k in ("exp_avg", "exp_avg_sq", "graft_acc", "momentum_buffer")}
             missing = [k for k in expected if k.startswith("stat.") and k not in state]
             if state and ("step" not in state or missing):
                 raise ValueError(
