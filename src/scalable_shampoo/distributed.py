@@ -367,7 +367,8 @@ def filter_pending(state: dict[str, Any], owned: set[int]) -> dict[str, Any]:
 
 
 # Keys of the optimizer's entries in a checkpoint of save_checkpoint: global (the parameter's
-# index in param_groups order, then the state key of state.py), the same at any world size.
+# index in param_groups order, then the state key of state.py), the same at any world size;
+# FSDP2 "local" state is per shard, under "shard{s}" (s: the shard's place in the mesh's shard dim).
 META_KEY = "optimizer.meta"
 
 
@@ -384,7 +385,7 @@ def _local_meshes(optimizer: Shampoo) -> list[list[int] | None]:
     """Per parameter, the shape of its mesh where its state is of this rank's shard (FSDP2
     ``"local"``), else None: such state loads only on the same mesh, into ``"local"``."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    return [list(p.device_mesh.shape) if optimizer._is_local(p) else None for p in params]  # type: ignore[attr-defined]
+    return [list(p.device_mesh.shape) if optimizer._is_local(p) else None for p in params]
 
 
 def _shard_of(optimizer: Shampoo, index: int, p: Tensor) -> int | None:
@@ -481,10 +482,11 @@ def optimizer_shard(optimizer: Shampoo) -> dict[str, Any]:
         indices = list(range(start, start + len(g["params"])))
         groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": indices})
         start += len(indices)
+    meshes = _local_meshes(optimizer)  # "local" parameters: per-shard owners differ by rank, recorded as -1
     meta = dict(format_version=FORMAT_VERSION, global_step=optimizer.global_step, skipped_steps=optimizer.skipped_steps,
-                param_groups=groups, shapes=[list(p.shape) for p in params], owners=owners,
-                world_size=sharding.world if sharding is not None else 1, fsdp=optimizer.fsdp,
-                local_meshes=_local_meshes(optimizer),
+                param_groups=groups, shapes=[list(p.shape) for p in params],
+                owners=[o if m is None else -1 for o, m in zip(owners, meshes)],
+                world_size=sharding.world if sharding is not None else 1, fsdp=optimizer.fsdp, local_meshes=meshes,
                 scheduler={k: v for k, v in scheduler.items() if k != "pending"})  # fmt: skip
     out[META_KEY] = _packed(meta)
     return out
@@ -502,8 +504,10 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: S
     """Save with ``torch.distributed.checkpoint`` (DCP), on every rank: the model as DCP shards
     (FSDP2 or DDP), and of the optimizer each rank writes only what it owns
     (:func:`optimizer_shard`), so no rank ever holds the whole optimizer state.
-    :func:`load_checkpoint` reads it at any world size. ``storage_writer``: DCP's, if not a
-    file system folder."""
+    :func:`load_checkpoint` reads it at any world size, except FSDP2 ``fsdp="local"`` state,
+    which is of each rank's shards (written per shard, by the rank that owns its work) and
+    loads only on the same mesh shape, in ``"local"`` mode. ``storage_writer``: DCP's, if
+    not a file system folder."""
     import torch.distributed.checkpoint as dcp  # here, so that importing the library does not load it
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -518,7 +522,10 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: S
 
     The optimizer's settings are checked first (:func:`~scalable_shampoo.state.check_groups`:
     another model or settings that lay out the state otherwise raise a ``ValueError``, and
-    neither the model nor the optimizer changes). Owners are then assigned for this world
+    neither the model nor the optimizer changes), and so is per-shard state (FSDP2
+    ``fsdp="local"``): loaded on another mesh shape (or world size), into another mode, or
+    a checkpoint of whole parameters' state into ``"local"``, it is a ``ValueError`` naming
+    the saved and the present mesh or mode. Owners are then assigned for this world
     size, and each rank reads the model and only its own parameters' optimizer state and
     pending roots. A checkpoint of the earlier layout (the whole optimizer state as one
     object) loads too. ``storage_reader``: DCP's, if not a file system folder.

@@ -201,7 +201,11 @@ class Shampoo(torch.optim.Optimizer):
               kept instead of the parameter's (rows of different shards are never correlated);
               block boundaries, the grafting norms (per block) and ``max_preconditioner_dim``
               apply to the shard's shape; a shard shorter than a block gets a smaller block.
-              The result depends on the world size (checkpoints: not supported yet).
+              The result depends on the world size. Checkpoints: ``distributed.save_checkpoint``
+              writes each shard's state under its own keys and ``load_checkpoint`` reads it
+              back on the same mesh shape in ``"local"`` mode only (else a ``ValueError``
+              naming the saved and the present mesh or mode, before anything loads);
+              ``state_dict()`` on more than one rank raises ``NotImplementedError``.
         batched: stack the equal blocks of all parameters (batched matmuls, ``buckets.py``);
             ``False``: a stack per block, the reference it is tested against.
         compile_elementwise: run the first moment, the grafting accumulators and the
@@ -470,7 +474,8 @@ class Shampoo(torch.optim.Optimizer):
         if self._sharding is not None and any(self._is_local(p) for g in self.param_groups for p in g["params"]):
             raise NotImplementedError(
                 "state_dict() of fsdp='local' state on more than one rank is not supported yet: each rank's "
-                "state is of its own shards and would not merge into one checkpoint; use fsdp='lossless'"
+                "state is of its own shards and would not merge into one checkpoint; use "
+                "scalable_shampoo.distributed.save_checkpoint (same mesh) or fsdp='lossless'"
             )
         return super().state_dict()
 

@@ -186,7 +186,7 @@ class StateCodec:
                 _check_format1_plan(pid, p, group, plan)
             expected = {key(b, a): (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes
                         for key in (stat_key, basis_key)}  # fmt: skip
-            shape = tuple(p.to_local().shape if opt._is_local(p) else p.shape)  # type: ignore[attr-defined]
+            shape = tuple(p.to_local().shape if opt._is_local(p) else p.shape)
             expected |= {k: shape for k in ("exp_avg", "exp_avg_sq", "graft_acc", "momentum_buffer")}
             missing = [k for k in expected if k.startswith("stat.") and k not in state]
             if state and ("step" not in state or missing):
