@@ -352,12 +352,15 @@ def test_fsdp_mode_must_be_lossless_or_local():
 def local_checkpoint_worker(rank, world, init_file, out_dir, phase):
     """fsdp="local" through save_checkpoint/load_checkpoint at the same world size: "first" trains,
     saves and runs on; "resumed" (fresh processes) loads and runs the same steps, after a load
-    into fsdp="lossless" was refused."""
+    into fsdp="lossless" was refused. At 4 ranks, HSDP on a 2×2 mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     from scalable_shampoo.distributed import load_checkpoint, save_checkpoint
 
     init(rank, world, init_file)
     ckpt, saved_at, steps = os.path.join(out_dir, "ckpt"), 5, 8  # a root in flight at 5
-    model = shard(build())
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if world == 4 else None
+    model = shard(build(), mesh=mesh)
     params = list(model.parameters())
     opt = Shampoo(groups(params), scheduler=InlineRoots(delay=2), fsdp="local", **FAST)
     out = {}
@@ -386,22 +389,25 @@ def local_checkpoint_worker(rank, world, init_file, out_dir, phase):
     finish()
 
 
-def test_fsdp2_local_checkpoint_resumes_bitwise_at_the_same_world_size(tmp_path):
-    world = 2
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_local_checkpoint_resumes_bitwise_at_the_same_world_size(tmp_path, world):
     for phase in ("first", "resumed"):
         mp.spawn(local_checkpoint_worker, args=(world, str(tmp_path / f"init_{phase}"), str(tmp_path), phase),
                  nprocs=world)  # fmt: skip
+    held = []
     for rank in range(world):
         first, resumed = (torch.load(tmp_path / f"{ph}{rank}.pt", weights_only=True) for ph in ("first", "resumed"))
         assert all(torch.equal(a, b) for a, b in zip(first["params"], resumed["params"]))
         assert first["global_step"] == resumed["global_step"] == 8
-        # every rank holds state of its own shards of every parameter, the same as uninterrupted
-        assert sorted(first["state"]) == sorted(resumed["state"]) == list(range(6))
+        # each rank holds state of its own shards (HSDP: of those whose work it owns), as uninterrupted
+        assert sorted(first["state"]) == sorted(resumed["state"])
+        held += sorted(first["state"])
         for i, state in first["state"].items():
             got = resumed["state"][i]
             assert sorted(state) == sorted(got), i
             assert all(torch.equal(v, got[k]) if torch.is_tensor(v) else v == got[k] for k, v in state.items()), i
         assert resumed["pending"] > 0  # root results in flight at the checkpoint came back
-        assert "fsdp='local' state of mesh shape (2,)" in resumed["refused"]
+        assert f"fsdp='local' state of mesh shape {(2,) if world == 2 else (2, 2)}" in resumed["refused"]
         assert "fsdp='lossless'" in resumed["refused"] and "nothing was loaded" in resumed["refused"]
         assert resumed["untouched"] is True
+    assert sorted(held) == sorted(list(range(6)) * 2)  # each parameter's 2 shards, each held by one rank
