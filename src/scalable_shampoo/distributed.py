@@ -392,7 +392,8 @@ def _shard_of(optimizer: Shampoo, index: int, p: Tensor) -> int | None:
     """This rank's shard of parameter ``index`` where its state is per shard (``"local"``), else None."""
     if not optimizer._is_local(p):
         return None
-    assert optimizer._sharding is not None
+    if optimizer._sharding is None:  # a mesh of one rank: its one shard is the whole parameter
+        return 0
     return optimizer._grids[p].where(optimizer._sharding.rank)[1]
 
 
