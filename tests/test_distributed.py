@@ -44,7 +44,7 @@ def groups(m):
 
 def init(rank, world, init_file):
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     torch.set_num_threads(1)
 

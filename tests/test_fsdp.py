@@ -6,12 +6,11 @@ state; a DTensor placement Shampoo can't step is refused by name.
 """
 
 import os
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import finish, init
 from torch import nn
 
 from scalable_shampoo import Shampoo
@@ -45,20 +44,6 @@ def groups(params):
         {"params": [aw, ab], "block_size": 4, "decoupled_weight_decay": False, "weight_decay": 0.01},  # L2
         {"params": [bw, bb, c], "block_size": 8, "momentum": 0.5},
     ]
-
-
-def init(rank, world, init_file):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    torch.set_num_threads(1)
-
-
-def finish():
-    """Leave the group together, then exit without Python's teardown (see test_distributed.py)."""
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
 
 
 def shard(model, mesh=None, **kw):

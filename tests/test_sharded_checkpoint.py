@@ -12,13 +12,12 @@ refused with a ``ValueError`` naming what differs, and nothing is loaded.
 import copy
 import io
 import os
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from test_distributed import finish, init
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -73,20 +72,6 @@ def reference(steps):
         set_grads(model, step)
         opt.step()
     return model, opt
-
-
-def init(rank, world, init_file):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
-    )
-    torch.set_num_threads(1)
-
-
-def finish():
-    """Leave the group together, then exit without Python's teardown (see test_distributed.finish)."""
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
 
 
 class RecordingReader(FileSystemReader):
