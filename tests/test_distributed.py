@@ -298,24 +298,32 @@ def test_dcp_checkpoint_saved_at_world_2_resumes_at_world_1_and_3_bitwise(tmp_pa
         assert all(torch.equal(a, b) for a, b in zip(got, ref.parameters()))
 
 
-def test_torchrun_restarts_after_sigkill_and_resumes_bitwise(tmp_path):
+def killed_and_restarted(worker, tmp_path, out):
+    """Run ``tests/<worker> CKPT_DIR OUT`` on 2 ranks under ``torchrun --max-restarts 2``; assert
+    that rank 1 was SIGKILLed, torchrun restarted the group, and the run then finished."""
     import subprocess
     import sys
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    import torchrun_worker as w
-
-    out = tmp_path / "final.pt"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "2",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--monitor-interval", "0.5",
-        os.path.join(os.path.dirname(__file__), "torchrun_worker.py"), str(tmp_path), str(out),
+        os.path.join(os.path.dirname(__file__), worker), str(tmp_path), str(out),
     ]  # fmt: skip
     # lazy gloo connections: a restarted rank that starts slowly is not refused
     env = {**os.environ, "TORCH_GLOO_LAZY_INIT": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exitcode: -9" in proc.stderr  # rank 1 was SIGKILLed, and torchrun restarted the group
+
+
+def test_torchrun_restarts_after_sigkill_and_resumes_bitwise(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import torchrun_worker as w
+
+    out = tmp_path / "final.pt"
+    killed_and_restarted("torchrun_worker.py", tmp_path, out)
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
     ref_opt = Shampoo(ref.parameters(), lr=1e-2, precondition_frequency=3, start_preconditioning_step=2)

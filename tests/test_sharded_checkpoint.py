@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from test_distributed import finish, init
+from test_distributed import finish, init, killed_and_restarted
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -398,22 +398,13 @@ def test_a_pending_root_saved_on_another_device_is_installed_where_its_parameter
 def test_torchrun_restarts_after_sigkill_and_resumes_bitwise_from_sharded_state(tmp_path):
     """Rank 1 is SIGKILLed at step 8 with roots pending; torchrun restarts the group, which
     resumes from the sharded checkpoint of step 6 and ends as one uninterrupted process."""
-    import subprocess
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
     import sharded_torchrun_worker as w
 
     out = tmp_path / "final.pt"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "2",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--monitor-interval", "0.5",
-        os.path.join(os.path.dirname(__file__), "sharded_torchrun_worker.py"), str(tmp_path), str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "TORCH_GLOO_LAZY_INIT": "1"}  # a restarted rank that starts slowly is not refused
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "exitcode: -9" in proc.stderr  # rank 1 was SIGKILLed, and torchrun restarted the group
+    killed_and_restarted("sharded_torchrun_worker.py", tmp_path, out)
     got = torch.load(out, weights_only=True)
     assert got["start"] == 6 and all(n > 0 for n in got["pending_loaded"])  # each rank resumed its own pending roots
     for step in (3, 6, 9, 12):

@@ -25,19 +25,21 @@ def grads(model, step):
         p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
 
 
-def main() -> None:
-    ckpt_dir, out = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
-    opt = Shampoo(model.parameters(), lr=1e-2, precondition_frequency=3, start_preconditioning_step=2)
+def resume(model: nn.Module, opt: Shampoo, ckpt_dir: str) -> int:
+    """The step to start from: 0, or after a restart the last complete checkpoint's, loaded."""
     latest = os.path.join(ckpt_dir, "latest")
-    start = 0
-    if os.path.exists(latest):  # a restart: resume from the last complete checkpoint
-        with open(latest) as f:
-            start = int(f.read())
-        load_checkpoint(os.path.join(ckpt_dir, f"step{start}"), model, opt)
+    if not os.path.exists(latest):
+        return 0
+    with open(latest) as f:
+        start = int(f.read())
+    load_checkpoint(os.path.join(ckpt_dir, f"step{start}"), model, opt)
+    return start
+
+
+def train(model: nn.Module, opt: Shampoo, ckpt_dir: str, start: int) -> None:
+    """Steps ``start`` … STEPS−1 with a DCP checkpoint every EVERY steps; on the first attempt
+    rank 1 kills itself with SIGKILL at step KILL_AT."""
+    rank, latest = dist.get_rank(), os.path.join(ckpt_dir, "latest")
     for step in range(start, STEPS):
         if rank == 1 and step == KILL_AT and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -50,7 +52,16 @@ def main() -> None:
                 with open(latest + ".tmp", "w") as f:
                     f.write(str(step + 1))
                 os.replace(latest + ".tmp", latest)
-    if rank == 0:
+
+
+def main() -> None:
+    ckpt_dir, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+    opt = Shampoo(model.parameters(), lr=1e-2, precondition_frequency=3, start_preconditioning_step=2)
+    train(model, opt, ckpt_dir, resume(model, opt, ckpt_dir))
+    if dist.get_rank() == 0:
         torch.save([p.detach() for p in model.parameters()], out)
     dist.barrier()  # leave together: a peer that leaves first can abort gloo's threads
     dist.destroy_process_group()
