@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scalable_shampoo import Shampoo
 from scalable_shampoo.background import InlineRoots
 from scalable_shampoo.distributed import ExchangeError, assign_owners
+from scalable_shampoo.state import rows_state
 
 FAST = dict(lr=1e-2, precondition_frequency=3, start_preconditioning_step=2)
 STEPS = 10
@@ -65,6 +66,17 @@ def scheduler(mode):
     return BackgroundRoots(mode="deterministic", delay=2, workers="thread"), InlineRoots(delay=2)
 
 
+def rank_state(ref, index, pieces, rank):
+    """What ``rank`` keeps (its tensors) of one process's state ``ref`` of parameter ``index``,
+    of which it computes ``pieces`` (``Shampoo.rows()``): everything, its rows, or None."""
+    mine = [(lo, hi) for r, lo, hi in pieces if r == rank]
+    if not mine:
+        return None
+    q, group = [(p, g) for g in ref.param_groups for p in g["params"]][index]
+    state = {k: v for k, v in ref.state[q].items() if torch.is_tensor(v)}
+    return rows_state(state, ref.plan(q, group), *mine[0]) if len(pieces) > 1 else state
+
+
 def state_bytes(opt):
     """Bytes of optimizer state, each storage once (stacked statistics and roots included)."""
     return sum(v for k, v in opt.memory().items() if k not in ("parameters", "scratch"))
@@ -76,8 +88,8 @@ def ddp_worker(rank, world, init_file, mode, out_dir):
     sched, ref_sched = scheduler(mode)
     opt = Shampoo(groups(model.module), scheduler=sched, **FAST)  # the default group shares the work
     ref_opt = Shampoo(groups(ref), scheduler=ref_sched, process_group=None, **FAST)  # one process's Shampoo
-    owners = opt.owners()
-    assert sorted(set(owners)) == list(range(world)) or len(owners) < world
+    layout = opt.rows()
+    assert {r for pieces in layout for r, *_ in pieces} == set(range(world))  # every rank computes some rows
     for step in range(STEPS):
         g = torch.Generator().manual_seed(1000 * step + rank)  # each rank its own shard of the batch
         idx, y = torch.randint(0, 40, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -90,12 +102,13 @@ def ddp_worker(rank, world, init_file, mode, out_dir):
     for p, q in zip(model.module.parameters(), ref.parameters()):
         assert torch.equal(p, q)
     for i, (p, q) in enumerate(zip(model.module.parameters(), ref.parameters())):
-        if owners[i] != rank:  # ZeRO-1: no state at all for another rank's parameter
+        want = rank_state(ref_opt, i, layout[i], rank)
+        if want is None:  # ZeRO-1: no state at all for another rank's parameter
             assert p not in opt.state
             continue
-        for k, v in ref_opt.state[q].items():
-            if torch.is_tensor(v):
-                assert torch.equal(opt.state[p][k], v), k
+        got = {k: v for k, v in opt.state[p].items() if torch.is_tensor(v)}
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
     roots = [k for st in opt.state.values() for k in st if k.startswith("root.")]
     torch.save(
         {"params": [p.detach() for p in model.module.parameters()], "bytes": opt._sharding.bytes_received,

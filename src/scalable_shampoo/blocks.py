@@ -32,7 +32,10 @@ from typing import Literal
 
 from torch import Tensor
 
-__all__ = ["Block", "BlockPlan", "make_plan", "merge_groups", "merge_small_dims", "block_views", "normalize_axes"]
+__all__ = [
+    "Block", "BlockPlan", "block_views", "make_plan", "merge_groups", "merge_small_dims", "normalize_axes", "row_units",
+    "rows_plan",
+]  # fmt: skip
 
 Rule = Literal["fan_in", "left"]
 
@@ -131,6 +134,7 @@ class BlockPlan:
     merged: tuple[int, ...]
     blocks: tuple[Block, ...]
     groups: tuple[tuple[int, ...], ...] = ()  # the parameter's dims in each merged axis
+    first: int = 0  # the parameter's index of ``blocks[0]`` (not 0 in a plan of some rows: ``rows_plan``)
 
     @property
     def preconditioned(self) -> bool:
@@ -167,6 +171,28 @@ def make_plan(
         kept = tuple(i for i, (n, ok) in enumerate(zip(bshape, allowed)) if ok and n > 1)
         blocks.append(Block(tuple(index), bshape, kept))
     return BlockPlan(tuple(shape), merged, tuple(blocks), groups)
+
+
+def row_units(plan: BlockPlan) -> list[tuple[int, int]]:
+    """The row ranges of the merged tensor's axis 0 that no block crosses, in order: where
+    a parameter may be cut between ranks (ZeRO-1) without changing any block. One range
+    (or none) where axis 0 is not split into blocks, which keeps the parameter whole."""
+    if not plan.blocks or not plan.merged:
+        return []
+    return sorted({(b.index[0].start, b.index[0].stop) for b in plan.blocks})
+
+
+def rows_plan(plan: BlockPlan, lo: int, hi: int) -> BlockPlan:
+    """The plan of rows ``lo … hi-1`` of the merged tensor (bounds of :func:`row_units`):
+    the same blocks, with their rows counted from ``lo``; ``first`` is the parameter's
+    index of the first of them, so their state keys are the whole parameter's."""
+    if (lo, hi) == (0, plan.merged[0]) and not plan.first:
+        return plan
+    inside = [(b, blk) for b, blk in enumerate(plan.blocks) if lo <= blk.index[0].start and blk.index[0].stop <= hi]
+    blocks = tuple(Block((slice(blk.index[0].start - lo, blk.index[0].stop - lo), *blk.index[1:]), blk.shape, blk.axes)
+                   for _, blk in inside)  # fmt: skip
+    shape = (hi - lo, *plan.merged[1:])
+    return BlockPlan(shape, shape, blocks, plan.groups, plan.first + inside[0][0])
 
 
 def block_views(t: Tensor, plan: BlockPlan) -> list[Tensor]:

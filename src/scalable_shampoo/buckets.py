@@ -183,6 +183,7 @@ class Bucket:
             for m in self.members:
                 st = state[m.p]
                 for row, b in enumerate(m.blocks, m.lo):
+                    b += m.plan.first  # the parameter's block index (its state key)
                     if (s := st.get(stat_key(b, a))) is not None:
                         self.stats[a][row].copy_(s)
                     st[stat_key(b, a)] = self.stats[a][row]
@@ -227,7 +228,7 @@ class Bucket:
             st = state.get(m.p, {})
             for b in m.blocks:
                 for a in self.axes:
-                    for key in (stat_key(b, a), self.slot(b, a)):
+                    for key in (stat_key(b + m.plan.first, a), self.slot(b + m.plan.first, a)):
                         t = st.get(key)
                         if t is not None and any(t._base is s for s in stacks):
                             st[key] = t.clone()
@@ -435,7 +436,7 @@ class Buckets:
         for bucket in self.buckets:
             bucket.build(state)
             for m in bucket.members:
-                self.where |= {(id(m.p), b): (bucket, row) for row, b in enumerate(m.blocks, m.lo)}
+                self.where |= {(id(m.p), b + m.plan.first): (bucket, row) for row, b in enumerate(m.blocks, m.lo)}
         sizes: dict[tuple[torch.dtype, torch.device], int] = {}
         for bucket in self.buckets:
             at = (bucket.dtype, bucket.device)

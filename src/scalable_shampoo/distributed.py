@@ -53,20 +53,22 @@ import io
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .blocks import BlockPlan
+from .blocks import Block, BlockPlan, row_units, rows_plan
 
 if TYPE_CHECKING:
     from .optimizer import Shampoo
 
 __all__ = [
     "ExchangeError", "Grid", "Sharding", "assign_owners", "extra_key", "from_owners", "grid", "load_checkpoint",
-    "optimizer_shard", "param_cost", "placement_error", "save_checkpoint", "state_key", "to_owners",
+    "optimizer_shard", "param_cost", "placement_error", "row_costs", "save_checkpoint", "split_rows", "state_key",
+    "to_owners",
 ]  # fmt: skip
 
 
@@ -74,17 +76,17 @@ class ExchangeError(RuntimeError):
     """The step's collective failed, most likely because a rank died."""
 
 
+def block_cost(block: Block, frequency: int) -> float:
+    """The step's work for one block: statistics and preconditioning (2·numel·Σnᵢ), the
+    amortized roots (Σnᵢ³ / frequency) and the elementwise stages (numel)."""
+    numel = math.prod(block.shape)
+    dims = [block.shape[a] for a in block.axes]
+    return 2 * numel * sum(dims) + sum(n**3 for n in dims) / frequency + numel
+
+
 def param_cost(plan: BlockPlan, frequency: int) -> float:
-    """The step's work for one parameter: statistics and preconditioning (2·numel·Σnᵢ per
-    block), amortized roots (Σnᵢ³ / frequency) and the elementwise stages (numel)."""
-    cost = 0.0
-    for block in plan.blocks:
-        numel = 1
-        for n in block.shape:
-            numel *= n
-        dims = [block.shape[a] for a in block.axes]
-        cost += 2 * numel * sum(dims) + sum(n**3 for n in dims) / frequency + numel
-    return cost
+    """The step's work for one parameter: the sum of its blocks' :func:`block_cost`."""
+    return sum(block_cost(b, frequency) for b in plan.blocks)
 
 
 def assign_owners(costs: list[float], world_size: int) -> list[int]:
@@ -100,6 +102,47 @@ def assign_owners(costs: list[float], world_size: int) -> list[int]:
         owners[i] = rank
         load[rank] += costs[i]
     return owners
+
+
+def row_costs(plan: BlockPlan, frequency: int) -> list[tuple[int, int, float]]:
+    """``(lo, hi, cost)`` of each of ``plan``'s :func:`~scalable_shampoo.blocks.row_units`: the
+    rows where ranks may split the parameter, with their blocks' :func:`block_cost`; one
+    unit of all rows where it must stay whole."""
+    units = row_units(plan)
+    if len(units) < 2:
+        return [(0, units[0][1] if units else 0, param_cost(plan, frequency))]
+    cost = dict.fromkeys(units, 0.0)
+    for b in plan.blocks:
+        cost[(b.index[0].start, b.index[0].stop)] += block_cost(b, frequency)
+    return [(lo, hi, c) for (lo, hi), c in cost.items()]
+
+
+def split_rows(units: list[list[tuple[int, int, float]]], world_size: int) -> list[list[tuple[int, int, int]]]:
+    """Who computes which rows: ``units[i]`` are parameter ``i``'s row ranges that no block
+    crosses, with their cost, ``(lo, hi, cost)``; returns, per parameter, its pieces
+    ``(rank, lo, hi)`` in row order.
+
+    The units of all parameters, in order, are cut into ``world_size`` consecutive runs of
+    about equal cost (a unit goes to the next rank once its middle is past this rank's
+    share), so a rank's rows of a parameter are one range, and only a parameter that
+    straddles a cut is split: at most ``world_size − 1`` of them. A pure function of
+    its arguments, the same on every rank; ranks may own nothing.
+    """
+    total = sum(c for us in units for *_, c in us)
+    out: list[list[tuple[int, int, int]]] = []
+    done, rank = 0.0, 0
+    for us in units:
+        pieces: list[tuple[int, int, int]] = []
+        for lo, hi, cost in us:
+            while rank < world_size - 1 and done + cost / 2 > total * (rank + 1) / world_size:
+                rank += 1
+            done += cost
+            if pieces and pieces[-1][0] == rank:
+                pieces[-1] = (rank, pieces[-1][1], hi)
+            else:
+                pieces.append((rank, lo, hi))
+        out.append(pieces)
+    return out
 
 
 class Sharding:
@@ -356,29 +399,50 @@ def merge_pending(states: list[dict[str, Any]]) -> dict[str, Any]:
     return {**states[0], "pending": pending}
 
 
-def filter_pending(state: dict[str, Any], owned: set[int]) -> dict[str, Any]:
-    """The pending results of the parameters (by index) in ``owned``."""
+def filter_pending(state: dict[str, Any], owns: Callable[[int, int], bool]) -> dict[str, Any]:
+    """The pending results of the blocks that ``owns(param_index, block)``."""
     pending = []
     for item in state.get("pending", []):
-        outs = [o for o in item["outcomes"] if int(o["key"][0]) in owned]
+        outs = [o for o in item["outcomes"] if owns(int(o["key"][0]), int(o["key"][1]))]
         if outs:
             pending.append({**item, "outcomes": outs})
     return {**state, "pending": pending}
 
 
 # Keys of the optimizer's entries in a checkpoint of save_checkpoint: global (the parameter's
-# index in param_groups order, then the state key of state.py), the same at any world size;
-# FSDP2 "local" state is per shard, under "shard{s}" (s: the shard's place in the mesh's shard dim).
+# index in param_groups order, then the state key of state.py), the same at any world size.
+# Entries that belong to a part of a parameter carry the part before the key: FSDP2 "local"
+# state is per shard, under "shard{s}" (s: the shard's place in the mesh's shard dim); where
+# ranks split a plain parameter by rows (Shampoo.rows), each rank's rows of its elementwise
+# buffers and its extra entry are under "rows{lo}-{hi}" (its blocks' entries and the step,
+# written by the first rows' rank, keep the global keys).
 META_KEY = "optimizer.meta"
 
 
-def state_key(index: int, key: str, shard: int | None = None) -> str:  # one tensor of parameter ``index``'s state
-    # fsdp="local": the state of shard ``shard`` (its place in the mesh's shard dim) of the parameter
-    return f"optimizer.state.{index}.{key}" if shard is None else f"optimizer.state.{index}.shard{shard}.{key}"
+def state_key(index: int, key: str, part: str | None = None) -> str:  # one tensor of parameter ``index``'s state
+    return f"optimizer.state.{index}.{key}" if part is None else f"optimizer.state.{index}.{part}.{key}"
 
 
-def extra_key(index: int, shard: int | None = None) -> str:  # its other entries (root methods) and pending roots
-    return f"optimizer.extra.{index}" if shard is None else f"optimizer.extra.{index}.shard{shard}"
+def extra_key(index: int, part: str | None = None) -> str:  # its other entries (root methods) and pending roots
+    return f"optimizer.extra.{index}" if part is None else f"optimizer.extra.{index}.{part}"
+
+
+def _parse(fqn: str) -> tuple[str, int, str | None, str] | None:
+    """(``"state"`` or ``"extra"``, parameter index, part or None, state key or "") of an
+    optimizer entry's key; None for any other key."""
+    parts = fqn.split(".", 3)
+    if len(parts) < 3 or parts[0] != "optimizer" or parts[1] not in ("state", "extra"):
+        return None
+    rest = parts[3] if len(parts) > 3 else ""
+    head, _, tail = rest.partition(".")
+    if head.startswith(("shard", "rows")) and (head[4:5].isdigit() or head[5:6].isdigit()):
+        return parts[1], int(parts[2]), head, tail
+    return parts[1], int(parts[2]), None, rest
+
+
+def _rows_of(part: str) -> tuple[int, int]:
+    lo, hi = part[len("rows") :].split("-")
+    return int(lo), int(hi)
 
 
 def _local_meshes(optimizer: Shampoo) -> list[list[int] | None]:
@@ -388,13 +452,17 @@ def _local_meshes(optimizer: Shampoo) -> list[list[int] | None]:
     return [list(p.device_mesh.shape) if optimizer._is_local(p) else None for p in params]
 
 
-def _shard_of(optimizer: Shampoo, index: int, p: Tensor) -> int | None:
-    """This rank's shard of parameter ``index`` where its state is per shard (``"local"``), else None."""
-    if not optimizer._is_local(p):
-        return None
-    if optimizer._sharding is None:  # a mesh of one rank: its one shard is the whole parameter
-        return 0
-    return optimizer._grids[p].where(optimizer._sharding.rank)[1]
+def _part_of(optimizer: Shampoo, index: int, p: Tensor) -> str | None:
+    """The part of parameter ``index`` whose state this rank keeps: ``"shard{s}"`` where its state
+    is per shard (``"local"``), ``"rows{lo}-{hi}"`` where ranks split it by rows, else None."""
+    if optimizer._is_local(p):
+        if optimizer._sharding is None:  # a mesh of one rank: its one shard is the whole parameter
+            return "shard0"
+        return f"shard{optimizer._grids[p].where(optimizer._sharding.rank)[1]}"
+    rank = optimizer._sharding.rank if optimizer._sharding is not None else 0
+    pieces = optimizer.rows()[index]
+    mine = [(lo, hi) for r, lo, hi in pieces if r == rank]
+    return f"rows{mine[0][0]}-{mine[0][1]}" if len(pieces) > 1 and mine else None
 
 
 def _check_local(meta: dict[str, Any], optimizer: Shampoo) -> None:
@@ -442,42 +510,38 @@ def _pending_by_param(scheduler: dict[str, Any]) -> dict[int, list[dict[str, Any
     return out
 
 
-def _owners_under(optimizer: Shampoo, groups: list[dict[str, Any]]) -> list[int]:
-    """``optimizer.owners()`` as it will be once ``groups`` (a checkpoint's settings) are loaded:
-    ownership weighs settings that a load takes from the checkpoint (the root frequency)."""
-    kept = optimizer.param_groups
-    optimizer.param_groups = [{**s, "params": g["params"]} for s, g in zip(groups, kept)]
-    try:
-        return list(optimizer.owners())
-    finally:
-        optimizer.param_groups = kept
-
-
 def optimizer_shard(optimizer: Shampoo) -> dict[str, Any]:
-    """This rank's entries of a sharded checkpoint (no communication): the state of the parameters
-    it owns, each tensor under :func:`state_key`, their other entries and pending root results
+    """This rank's entries of a sharded checkpoint (no communication): the state of what it
+    owns, each tensor under :func:`state_key`, its other entries and pending root results
     under :func:`extra_key`, and the settings, step counters and shapes under ``META_KEY``
     (the same on every rank). Without sharding every rank holds every entry (DCP writes it once)."""
-    from .state import FORMAT_VERSION
+    from .state import ELEMENTWISE, FORMAT_VERSION
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     sharding = optimizer._sharding
-    owners, rank = optimizer.owners(), sharding.rank if sharding is not None else 0
-    scheduler = optimizer.scheduler.state_dict()  # this rank's pending results: its own parameters' roots
+    layout, rank = optimizer.rows(), sharding.rank if sharding is not None else 0
+    scheduler = optimizer.scheduler.state_dict()  # this rank's pending results: its own blocks' roots
     pending = _pending_by_param(scheduler)
     out: dict[str, Any] = {}
     for i, p in enumerate(params):
         state = optimizer.state.get(p)
         if not state and i not in pending:
             continue
-        if owners[i] != rank:  # each entry must have one writer, or DCP would keep an arbitrary rank's
-            raise RuntimeError(f"rank {rank} holds optimizer state of parameter {i}, which rank {owners[i]} owns")
-        shard = _shard_of(optimizer, i, p)  # "local": one writer per shard (its owner among the replicas)
+        if not any(r == rank for r, *_ in layout[i]):  # each entry must have one writer, or DCP would keep
+            raise RuntimeError(f"rank {rank} holds optimizer state of parameter {i}, which rank "
+                               f"{layout[i][0][0]} owns")  # an arbitrary rank's  # fmt: skip
+        part = _part_of(optimizer, i, p)  # "local": one writer per shard (its owner among the replicas)
+        rows = part is not None and part.startswith("rows")
         for k, v in (state or {}).items():
-            if torch.is_tensor(v):
-                out[state_key(i, k, shard)] = v.detach()
+            if not torch.is_tensor(v):
+                continue
+            if rows and k not in ELEMENTWISE:  # a block's entry, or the step (written by the first rows' rank)
+                if k != "step" or part.startswith("rows0-"):  # type: ignore[union-attr]
+                    out[state_key(i, k)] = v.detach()
+            else:
+                out[state_key(i, k, part)] = v.detach()
         objects = {k: v for k, v in (state or {}).items() if not torch.is_tensor(v)}
-        out[extra_key(i, shard)] = _packed({"objects": objects, "pending": pending.get(i, [])})
+        out[extra_key(i, part)] = _packed({"objects": objects, "pending": pending.get(i, [])})
     start, groups = 0, []
     for g in optimizer.param_groups:  # as torch.optim packs them: each parameter as its index
         indices = list(range(start, start + len(g["params"])))
@@ -486,7 +550,8 @@ def optimizer_shard(optimizer: Shampoo) -> dict[str, Any]:
     meshes = _local_meshes(optimizer)  # "local" parameters: per-shard owners differ by rank, recorded as -1
     meta = dict(format_version=FORMAT_VERSION, global_step=optimizer.global_step, skipped_steps=optimizer.skipped_steps,
                 param_groups=groups, shapes=[list(p.shape) for p in params],
-                owners=[o if m is None else -1 for o, m in zip(owners, meshes)],
+                owners=[ps[0][0] if m is None else -1 for ps, m in zip(layout, meshes)],
+                rows=[[list(x) for x in ps] if m is None else None for ps, m in zip(layout, meshes)],
                 world_size=sharding.world if sharding is not None else 1, fsdp=optimizer.fsdp, local_meshes=meshes,
                 scheduler={k: v for k, v in scheduler.items() if k != "pending"})  # fmt: skip
     out[META_KEY] = _packed(meta)
@@ -535,7 +600,7 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: S
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from .state import TOP_KEY, check_format, check_groups
+    from .state import TOP_KEY, block_of, check_format, check_groups
 
     _require_shampoo(optimizer)
     reader = storage_reader if storage_reader is not None else dcp.FileSystemReader(path)
@@ -557,19 +622,30 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: S
     check_format(meta)
     groups = check_groups(optimizer, meta["param_groups"], meta["shapes"])
     _check_local(meta, optimizer)
-    owners = _owners_under(optimizer, groups)
+    layout = optimizer._rows_under(groups)
     sharding = getattr(optimizer, "_sharding", None)
     rank = sharding.rank if sharding is not None else 0
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    mine = {i for i, o in enumerate(owners) if o == rank}
-    shards = {i: _shard_of(optimizer, i, params[i]) for i in mine}
+    params = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+    mine = {i: (lo, hi) for i, ps in enumerate(layout) for r, lo, hi in ps if r == rank}  # this rank's rows
+    split = {i for i in mine if len(layout[i]) > 1}  # ...of which it computes some rows only
+    blocks = {i: rows_plan(optimizer._shard_plan(*params[i]), *mine[i]) for i in split}
+    shards = {i: _part_of(optimizer, i, params[i][0]) if optimizer._is_local(params[i][0]) else None for i in mine}
+
+    def wanted_entry(kind: str, i: int, part: str | None, key: str) -> bool:
+        if i not in mine:
+            return False
+        if shards[i] is not None:  # "local": this rank's shard's entries only
+            return part == shards[i]
+        if part is not None:  # rows saved apart: those that overlap this rank's
+            (lo, hi), (start, stop) = mine[i], _rows_of(part)
+            return i not in split or (start < hi and lo < stop)
+        b = block_of(key) if kind == "state" else None
+        return b is None or i not in split or blocks[i].first <= b < blocks[i].first + len(blocks[i].blocks)
+
     wanted: dict[str, Any] = {}
     for fqn, md in stored.items():
-        parts = fqn.split(".", 3)
-        if parts[0] == "optimizer" and parts[1] in ("state", "extra") and int(parts[2]) in mine:
-            s = shards[int(parts[2])]
-            if s is not None and (parts[3].split(".", 1)[0] if len(parts) > 3 else None) != f"shard{s}":
-                continue  # "local": another shard's entry
+        parsed = _parse(fqn)
+        if parsed is not None and wanted_entry(*parsed):
             if isinstance(md, TensorStorageMetadata):
                 wanted[fqn] = torch.empty(md.size, dtype=md.properties.dtype)  # DCP reads into it
             else:
@@ -577,19 +653,29 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: S
     state = {"model": get_model_state_dict(model), **wanted}
     dcp.load(state, checkpoint_id=path, storage_reader=reader)
     per_param: dict[int, dict[str, Any]] = {}
+    saved_rows: dict[tuple[int, str], list[tuple[int, Tensor]]] = {}
     pending = [{**meta["scheduler"], "pending": []}]
     for fqn, value in state.items():
-        parts = fqn.split(".", 3)
-        if fqn == "model" or parts[0] != "optimizer":
+        parsed = _parse(fqn)
+        if parsed is None:
             continue
-        i = int(parts[2])
-        if parts[1] == "state":
-            key = parts[3] if shards[i] is None else parts[3].split(".", 1)[1]  # "local": past "shard{s}."
-            per_param.setdefault(i, {})[key] = value
-        else:
+        kind, i, part, key = parsed
+        if kind == "extra":
             extra = _unpacked(value)
             per_param.setdefault(i, {}).update(extra["objects"])
             pending.append({"pending": extra["pending"]})
+        elif part is not None and part.startswith("rows"):
+            saved_rows.setdefault((i, key), []).append((_rows_of(part)[0], value))
+        else:
+            per_param.setdefault(i, {})[key] = value
+    for (i, key), got in saved_rows.items():  # joined, then cut to this rank's rows
+        got.sort(key=lambda x: x[0])
+        joined = torch.cat([t for _, t in got])
+        if i in split:
+            lo, hi = mine[i]
+            per_param[i][key] = joined[lo - got[0][0] : hi - got[0][0]]
+        else:
+            per_param[i][key] = joined.view(params[i][0].shape)
     sd = {
         "state": {i: st for i, st in per_param.items() if st},
         "param_groups": meta["param_groups"],

@@ -38,9 +38,20 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from .background import InlineRoots, RootJob, RootOptions, RootOutcome, RootScheduler
-from .blocks import BlockPlan, make_plan, normalize_axes
+from .blocks import BlockPlan, make_plan, normalize_axes, rows_plan
 from .buckets import Buckets, Corrected, Entry, Spec
-from .distributed import Grid, Sharding, assign_owners, from_owners, grid, param_cost, placement_error, to_owners
+from .distributed import (
+    Grid,
+    Sharding,
+    assign_owners,
+    from_owners,
+    grid,
+    param_cost,
+    placement_error,
+    row_costs,
+    split_rows,
+    to_owners,
+)
 from .functional import compiled, first_moment_, graft_stage_, heavy_ball_, weight_update_
 from .grafting import GraftingType, bias_correction, graft_directions
 from .groups import PlanTable, plan_table
@@ -50,12 +61,18 @@ from .state import RootInfo, StateCodec, basis_key, diagnostics, info_key, memor
 __all__ = ["NonFiniteGrad", "Preconditioner", "Shampoo"]
 
 ParamGrad = tuple[int, dict[str, Any], Tensor, Tensor]  # (index, group, parameter, gradient; see _params_with_grad)
+Piece = tuple[int, int, int]  # (rank, lo, hi): rows lo … hi-1 of a parameter's merged axis 0 (see Shampoo.rows)
 _SCHEDULER_METHODS = ("run", "state_dict", "load_state_dict", "close")
 # what a copy or a pickle carries besides torch's defaults, state and param_groups, and
 # what an optimizer pickled by a version that lacked an attribute gets for it
 _COPIED = ("nonfinite_grad", "global_step", "skipped_steps", "batched", "compile_elementwise", "scheduler", "_sharding",
            "fsdp")  # fmt: skip
 FSDP_MODES = ("lossless", "local")
+
+
+def _height(plan: BlockPlan) -> int:
+    """Rows of a plan's merged axis 0 (0 for a scalar or an empty parameter)."""
+    return plan.merged[0] if plan.blocks and plan.merged else 0
 
 
 def _local(t: Tensor) -> Tensor:
@@ -283,7 +300,8 @@ class Shampoo(torch.optim.Optimizer):
         self._sharding: Sharding | None = None
         if process_group is not None and dist.get_world_size(process_group) > 1:
             self._sharding = Sharding(process_group, communication_dtype)
-        self._owner_cache: tuple[Any, list[int]] = ((), [])
+        self._owner_cache: tuple[Any, list[list[Piece]]] = ((), [])
+        self._split: dict[Tensor, tuple[int, int]] = {}  # this rank's rows of each parameter split among ranks
         self.global_step = 0  # steps taken (skipped steps not counted)
         self.skipped_steps = 0
         self.batched = batched
@@ -528,6 +546,7 @@ class Shampoo(torch.optim.Optimizer):
                     setattr(self, name, InlineRoots() if name == "scheduler" else fallback[name])
             self._buckets = Buckets()
             self._owner_cache = ((), [])
+            self._split = {}
             self._placement = {}
             self._grids, self._replicas = {}, {}
             StateCodec.attach(self)  # torch's __setstate__ starts with no hooks: the library's come back
@@ -629,19 +648,36 @@ class Shampoo(torch.optim.Optimizer):
 
     def owners(self) -> list[int]:
         """The rank that computes each parameter's update (param_groups order; all zeros without
-        sharding). Parameters and FSDP2 ``"lossless"`` DTensors: one owner per parameter, a pure
-        function of the shapes, the options and the world size, the same on every rank. FSDP2
-        ``"local"``: each rank its own shards' (under HSDP, a rank of its replica group, chosen
-        as above among the replicas). Cached until the plans change."""
-        if self._sharding is None:
-            return [0] * sum(len(g["params"]) for g in self.param_groups)
+        sharding), or its first rows where ranks split it (:meth:`rows`)."""
+        return [pieces[0][0] for pieces in self.rows()]
+
+    def rows(self) -> list[list[Piece]]:
+        """Who computes what of each parameter (param_groups order): its pieces ``(rank, lo, hi)``,
+        rows ``lo … hi-1`` of its merged axis 0 (its first dim that is not 1), in row order.
+        A pure function of the shapes, the options and the world size, the same on every rank;
+        cached until the plans change.
+
+        - Plain parameters (DDP, ZeRO-1): the blocks' rows of all parameters, in order, are cut
+          into one run per rank of about equal cost (:func:`~scalable_shampoo.distributed.split_rows`),
+          never inside a block. Most parameters are one piece; one that straddles a cut is
+          split by rows between ranks (at most W−1 of them). Without a block split along axis 0
+          (a vector, or an embedding table whose vocabulary axis keeps no statistic) a
+          parameter stays whole.
+        - FSDP2 ``"lossless"`` DTensors: one owner per parameter (greedy balance of the costs).
+        - FSDP2 ``"local"``: each rank its own shards (under HSDP, a rank of its replica
+          group, chosen as above among the replicas); the piece is the shard's rows.
+        """
         params = [(p, g) for g in self.param_groups for p in g["params"]]
-        plans = [(self._work_plan(p, g), g["precondition_frequency"]) for p, g in params]
+        plans = [(self._shard_plan(p, g), g["precondition_frequency"]) for p, g in params]
+        if self._sharding is None:
+            return [[(0, 0, _height(plan))] for plan, _ in plans]
         key = (self._sharding.world, self.fsdp, plans)
         if self._owner_cache[0] != key:
             local = [self._is_local(p) for p, _ in params]
+            plain = [not isinstance(p, DTensor) for p, _ in params]
             costs = [param_cost(*pf) for pf in plans]
-            owners = assign_owners([0.0 if lo else c for lo, c in zip(local, costs)], self._sharding.world)
+            owners = assign_owners([0.0 if lo or pl else c for lo, pl, c in zip(local, plain, costs)],
+                                   self._sharding.world)  # fmt: skip
             replicas: dict[tuple[int, ...], list[int]] = {}  # "local": who shares this rank's shards
             for i, (p, _) in enumerate(params):
                 if local[i]:
@@ -650,23 +686,62 @@ class Shampoo(torch.optim.Optimizer):
             for column, items in replicas.items():
                 for i, r in zip(items, assign_owners([costs[i] for i in items], len(column))):
                     owners[i] = column[r]
-            self._owner_cache = (key, owners)
+            split = iter(split_rows([row_costs(*pf) for pf, pl in zip(plans, plain) if pl], self._sharding.world))
+            pieces = [next(split) if pl else [(o, 0, _height(pf[0]))] for pl, o, pf in zip(plain, owners, plans)]
+            rank = self._sharding.rank
+            self._split = {p: (lo, hi) for (p, _), ps in zip(params, pieces) if len(ps) > 1
+                           for r, lo, hi in ps if r == rank}  # fmt: skip
+            self._owner_cache = (key, pieces)
         return self._owner_cache[1]
+
+    def _rows_under(self, groups: list[dict[str, Any]]) -> list[list[Piece]]:
+        """:meth:`rows` as it will be once ``groups`` (a checkpoint's settings) are loaded:
+        the split weighs settings that a load takes from the checkpoint (the root frequency)."""
+        kept = self.param_groups
+        self.param_groups = [{**s, "params": g["params"]} for s, g in zip(groups, kept)]
+        try:
+            return list(self.rows())
+        finally:
+            self.param_groups = kept
+
+    def _owns(self, index: int, block: int) -> bool:
+        """Whether this rank computes block ``block`` of parameter ``index`` (and keeps its state)."""
+        rank = self._sharding.rank if self._sharding is not None else 0
+        pieces = self.rows()[index]
+        if len(pieces) == 1:
+            return pieces[0][0] == rank
+        p, group = [(p, g) for g in self.param_groups for p in g["params"]][index]
+        plan = self._work_plan(p, group) if p in self._split else None
+        return plan is not None and plan.first <= block < plan.first + len(plan.blocks)
 
     def _is_local(self, p: Tensor) -> bool:
         """Whether ``p``'s update is computed from this rank's shard (FSDP2 ``"local"``)."""
         return self.fsdp == "local" and isinstance(p, DTensor)
 
-    def _work_plan(self, p: Tensor, group: dict[str, Any]) -> BlockPlan:
-        """The plan of what this rank preconditions of ``p``: its local shard under FSDP2
-        ``"local"``, else the whole parameter (:meth:`plan`)."""
+    def _shard_plan(self, p: Tensor, group: dict[str, Any]) -> BlockPlan:
+        """The plan of ``p``'s state as a checkpoint holds it: of this rank's shard under FSDP2
+        ``"local"``, else of the whole parameter (:meth:`plan`)."""
         return self.plan(_local(p) if self._is_local(p) else p, group)
 
+    def _work_plan(self, p: Tensor, group: dict[str, Any]) -> BlockPlan:
+        """The plan of what this rank preconditions of ``p``: :meth:`_shard_plan`, or its rows
+        of it where ranks split ``p`` (:meth:`rows`; call that first)."""
+        plan = self._shard_plan(p, group)
+        rows = self._split.get(p)
+        return plan if rows is None else rows_plan(plan, *rows)
+
+    def _my_rows(self, p: Tensor, group: dict[str, Any], t: Tensor) -> Tensor:
+        """This rank's rows of ``t`` (shaped like ``p``) where ranks split ``p``, else ``t``."""
+        rows = self._split.get(p)
+        return t if rows is None else t.reshape(self._shard_plan(p, group).merged)[rows[0] : rows[1]]
+
     def _my_work(self, every: list[ParamGrad]) -> tuple[list[ParamGrad], list[Tensor]]:
-        """The parameters (with the gradients G) whose updates this rank computes."""
+        """The parameters (with the gradients G) whose updates this rank computes; of a
+        parameter split among ranks, this rank's rows of it."""
         if self._sharding is None:
             return every, [self._gradient(p, grad, group) for _, group, p, grad in every]
-        owners, rank = self.owners(), self._sharding.rank
+        pieces, rank = self.rows(), self._sharding.rank
+        owners = [ps[0][0] for ps in pieces]
         whole: dict[int, Tensor] = {}  # "lossless": this rank's parameters' gradients, gathered at their owners
         lossless = [pg for pg in every if isinstance(pg[2], DTensor) and not self._is_local(pg[2])]
         if lossless:
@@ -676,7 +751,8 @@ class Shampoo(torch.optim.Optimizer):
             whole = {i: g for (i, *_), g in zip(lossless, got) if g is not None}
         params, grads = [], []
         for i, group, p, grad in every:
-            if owners[i] == rank and (i in whole or grad.numel() > 0):  # "local": a shard may have no rows
+            mine = any(r == rank for r, *_ in pieces[i])
+            if mine and (i in whole or grad.numel() > 0):  # "local": a shard may have no rows
                 g = whole[i] if i in whole else self._gradient(p, grad, group)
                 params.append((i, group, p, g))
                 grads.append(g)
@@ -684,19 +760,30 @@ class Shampoo(torch.optim.Optimizer):
 
     def _share(self, every: list[ParamGrad], params: list[ParamGrad], mine: list[Tensor]) -> list[Tensor]:
         """The update (P after momentum) of this rank's part of ``every`` parameter, from the
-        updates ``mine`` of the ``params`` it computed: one ``all_gather`` of those of replicated
-        parameters (ZeRO-1), one ``all_to_all`` of the rows of FSDP2 ``"lossless"`` ones, and under
-        HSDP ``"local"`` one ``all_gather`` in the replica group."""
+        updates ``mine`` of the ``params`` (or rows) it computed: one ``all_gather`` of those of
+        replicated parameters (ZeRO-1), one ``all_to_all`` of the rows of FSDP2 ``"lossless"``
+        ones, and under HSDP ``"local"`` one ``all_gather`` in the replica group."""
         sh = self._sharding
         assert sh is not None
-        owners, by_index = self.owners(), {i: d for (i, *_), d in zip(params, mine)}
+        pieces, by_index = self.rows(), {i: d for (i, *_), d in zip(params, mine)}
+        owners = [ps[0][0] for ps in pieces]
         out: dict[int, Tensor] = {}
         plain = [pg for pg in every if not isinstance(pg[2], DTensor)]
         if plain:
-            shapes = [(torch.Size(g.shape), sh.communication_dtype or self._state_dtype(p)) for _, _, p, g in plain]
-            got = sh.share(self.global_step, [owners[i] for i, *_ in plain], shapes,
-                           [sh.wire(by_index[i]) for i, *_ in plain if i in by_index])  # fmt: skip
-            out |= {i: d for (i, *_), d in zip(plain, got)}
+            items, shapes = [], []  # every piece of every plain parameter, in order
+            for i, group, p, g in plain:
+                dtype = sh.communication_dtype or self._state_dtype(p)
+                merged = self._shard_plan(p, group).merged
+                for r, lo, hi in pieces[i]:
+                    items.append((i, r))
+                    shapes.append((torch.Size(g.shape if len(pieces[i]) == 1 else (hi - lo, *merged[1:])), dtype))
+            got = sh.share(self.global_step, [r for _, r in items], shapes,
+                           [sh.wire(by_index[i]) for i, r in items if r == sh.rank])  # fmt: skip
+            parts: dict[int, list[Tensor]] = {}
+            for (i, _), d in zip(items, got):
+                parts.setdefault(i, []).append(d)
+            out |= {i: ds[0] if len(ds) == 1 else torch.cat(ds).view(p.shape)
+                    for (i, _, p, _), ds in zip(plain, parts.values())}  # fmt: skip
         lossless = [pg for pg in every if isinstance(pg[2], DTensor) and not self._is_local(pg[2])]
         if lossless:
             got = from_owners(sh, self.global_step, [self._grids[p] for _, _, p, _ in lossless],
@@ -731,9 +818,11 @@ class Shampoo(torch.optim.Optimizer):
         return {i: d for (i, *_), d in zip(local, got)}
 
     def _gradient(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
-        g = grad.to(self._state_dtype(p))
+        """G (+ λW with L2 weight decay) of what this rank computes: its shard or rows of ``p``."""
+        g = self._my_rows(p, group, grad).to(self._state_dtype(p))
         if group["weight_decay"] and not group["decoupled_weight_decay"]:
-            g = g.add(_local(p).to(g.dtype), alpha=group["weight_decay"])  # L2: G ← G + λW (of this shard)
+            w = self._my_rows(p, group, _local(p).detach())
+            g = g.add(w.to(g.dtype), alpha=group["weight_decay"])  # L2: G ← G + λW (of this shard)
         return g
 
     def _count_steps(self, params: list[ParamGrad]) -> list[int]:
@@ -763,7 +852,7 @@ class Shampoo(torch.optim.Optimizer):
         state, plan, opts = self.state[p], self._work_plan(p, group), self._root_options(group)
         return [
             RootJob((index, b, a), step, state[stat_key(b, a)], block.exponent(group["exponent_override"]), opts)
-            for b, block in enumerate(plan.blocks)
+            for b, block in enumerate(plan.blocks, plan.first)
             for a in block.axes
         ]
 

@@ -66,6 +66,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from .blocks import rows_plan
+
 if TYPE_CHECKING:
     from .optimizer import Shampoo
 
@@ -121,6 +123,50 @@ def method_key(block: int, axis: int) -> str:  # the fallback stage of its insta
     return f"root_method.{block}.{axis}"
 
 
+def block_of(key: str) -> int | None:
+    """The block of a per-block state key (above), else None."""
+    head, _, rest = key.partition(".")
+    return int(rest.split(".")[0]) if head in ("stat", "root", "basis", "root_info", "root_method") else None
+
+
+# The elementwise buffers, shaped like the parameter (a rank's rows of it where ranks split it)
+ELEMENTWISE = ("exp_avg", "exp_avg_sq", "graft_acc", "momentum_buffer")
+
+
+def rows_state(state: dict[str, Any], plan: Any, lo: int, hi: int) -> dict[str, Any]:
+    """What a rank keeps of a parameter's whole ``state`` (planned by ``plan``) when it computes
+    rows ``lo … hi-1`` of it: the entries of those rows' blocks and those rows of the
+    elementwise buffers (views), and the rest (the step) as it is."""
+    sub = rows_plan(plan, lo, hi)
+    out = {}
+    for k, v in state.items():
+        b = block_of(k)
+        if k in ELEMENTWISE:  # (rows that come alone, from a sharded checkpoint, are this rank's already)
+            out[k] = v.reshape(plan.merged)[lo:hi] if v.numel() == math.prod(plan.merged) else v
+        elif b is None or sub.first <= b < sub.first + len(sub.blocks):
+            out[k] = v
+    return out
+
+
+def merge_rows(parts: list[dict[Any, dict[str, Any]]], shapes: list[tuple[int, ...]]) -> dict[Any, dict[str, Any]]:
+    """The ranks' state entries (``parts``, in rank order, keyed by parameter index) as one
+    process's: a parameter that ranks split by rows gets its blocks' entries from each, and
+    its elementwise buffers joined in row order (a lower rank holds lower rows)."""
+    out: dict[Any, dict[str, Any]] = {}
+    rows: dict[tuple[Any, str], list[torch.Tensor]] = {}
+    for part in parts:
+        for pid, st in part.items():
+            have = out.setdefault(pid, {})
+            for k, v in st.items():
+                if k in ELEMENTWISE:
+                    rows.setdefault((pid, k), []).append(v)
+                else:
+                    have.setdefault(k, v)
+    for (pid, k), vs in rows.items():
+        out[pid][k] = vs[0] if len(vs) == 1 else torch.cat(vs).view(shapes[pid])
+    return out
+
+
 class RootInfo(NamedTuple):
     """What is known of one statistic's roots, stored as a float64 CPU tensor in this order.
     Every value is finite (a check that the state is finite passes): -1 stands for none."""
@@ -159,7 +205,8 @@ class StateCodec:
         if opt._sharding is not None:  # a collective: every owner's entries, every rank's pending roots
             from .distributed import merge_pending
 
-            sd["state"] = {k: v for part in opt._sharding.gather_objects(sd["state"]) for k, v in part.items()}
+            shapes = [tuple(p.shape) for g in opt.param_groups for p in g["params"]]
+            sd["state"] = merge_rows(opt._sharding.gather_objects(sd["state"]), shapes)
             scheduler = merge_pending(opt._sharding.gather_objects(scheduler))
         sd[TOP_KEY] = {
             "format_version": FORMAT_VERSION,
@@ -179,16 +226,26 @@ class StateCodec:
         sd["param_groups"] = saved_groups  # torch copied sd before this hook: the caller's dict is untouched
         params = chain.from_iterable(g["params"] for g in opt.param_groups)
         saved = list(chain.from_iterable(zip(s["params"], [s] * len(s["params"])) for s in saved_groups))
-        for (pid, group), p in zip(saved, params):
+        layout = opt._rows_under(saved_groups)
+        rank = opt._sharding.rank if opt._sharding is not None else 0
+        for index, ((pid, group), p) in enumerate(zip(saved, params)):
             state = sd["state"].get(pid, {})
-            plan = opt._work_plan(p, {**group, "params": [p]})  # fsdp="local": of this rank's shard
+            plan = opt._shard_plan(p, {**group, "params": [p]})  # fsdp="local": of this rank's shard
             if "fan-in plans" in FORMATS[version] and state:
                 _check_format1_plan(pid, p, group, plan)
             expected = {key(b, a): (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes
                         for key in (stat_key, basis_key)}  # fmt: skip
             shape = tuple(p.to_local().shape if opt._is_local(p) else p.shape)
-            expected |= {k: shape for k in ("exp_avg", "exp_avg_sq", "graft_acc", "momentum_buffer")}
-            missing = [k for k in expected if k.startswith("stat.") and k not in state]
+            needed = set(expected)
+            mine = [(lo, hi) for r, lo, hi in layout[index] if r == rank]
+            if len(layout[index]) > 1 and mine:  # ranks split it by rows: this rank's rows may come alone
+                (lo, hi), whole = mine[0], shape
+                sub = rows_plan(plan, lo, hi)
+                needed = {stat_key(b, a) for b, blk in enumerate(sub.blocks, sub.first) for a in blk.axes}
+                if any(torch.is_tensor(v) and tuple(v.shape) != whole for k, v in state.items() if k in ELEMENTWISE):
+                    shape = (hi - lo, *plan.merged[1:])
+            expected |= {k: shape for k in ELEMENTWISE}
+            missing = [k for k in expected if k in needed and k.startswith("stat.") and k not in state]
             if state and ("step" not in state or missing):
                 raise ValueError(
                     f"state_dict is missing {'step' if 'step' not in state else missing[0]!r} "
@@ -215,16 +272,21 @@ class StateCodec:
         sd, meta = opt.__dict__.pop("_loaded")
         saved_ids = chain.from_iterable(g["params"] for g in sd["param_groups"])
         params = chain.from_iterable(g["params"] for g in opt.param_groups)
-        owners, rank = opt.owners(), opt._sharding.rank if opt._sharding is not None else 0
-        for index, (pid, p) in enumerate(zip(saved_ids, params)):
-            if owners[index] != rank:  # under sharding, another rank's parameter: keep nothing of it
+        layout, rank = opt.rows(), opt._sharding.rank if opt._sharding is not None else 0
+        groups = chain.from_iterable([g] * len(g["params"]) for g in opt.param_groups)
+        for index, (pid, p, group) in enumerate(zip(saved_ids, params, groups)):
+            mine = [(lo, hi) for r, lo, hi in layout[index] if r == rank]
+            if not mine:  # under sharding, another rank's parameter: keep nothing of it
                 opt.state.pop(p, None)
                 continue
             if pid not in sd["state"]:
                 continue
+            state = sd["state"][pid]
+            if len(layout[index]) > 1:  # ranks split it by rows: this rank's blocks and rows
+                state = rows_state(state, opt._shard_plan(p, group), *mine[0])
             opt.state[p] = {
                 k: v.to(device="cpu" if _on_cpu(k) else p.device, copy=True) if torch.is_tensor(v) else v
-                for k, v in sd["state"][pid].items()
+                for k, v in state.items()
             }
             if not torch.is_tensor(opt.state[p]["step"]):  # a plain number, as torch.optim also accepts
                 opt.state[p]["step"] = torch.tensor(int(opt.state[p]["step"]), dtype=torch.int64)
@@ -235,7 +297,7 @@ class StateCodec:
         if opt._sharding is not None:
             from .distributed import filter_pending
 
-            scheduler = filter_pending(scheduler, {i for i, o in enumerate(owners) if o == rank})
+            scheduler = filter_pending(scheduler, opt._owns)
         # a pending root goes to where its parameter is now (it may have been saved on another device)
         every = [p for g in opt.param_groups for p in g["params"]]
         pending = []
@@ -419,7 +481,8 @@ def diagnostics(opt: Shampoo) -> dict[str, Any]:
             if not state:
                 continue
             step = int(state["step"])
-            for b, block in enumerate(opt._work_plan(p, group).blocks):  # fsdp="local": the shard's blocks
+            plan = opt._work_plan(p, group)  # fsdp="local": the shard's blocks; of a split parameter, this rank's
+            for b, block in enumerate(plan.blocks, plan.first):
                 for a in block.axes:
                     info = RootInfo.from_tensor(state.get(info_key(b, a)))
                     attempted = info_key(b, a) in state
