@@ -17,7 +17,7 @@ from torchrun_worker import STEPS, grads, resume, train  # 12 steps: roots at 2,
 from scalable_shampoo import Shampoo
 from scalable_shampoo.background import BackgroundRoots, InlineRoots
 
-__all__ = ["STEPS", "build", "grads", "make"]
+__all__ = ["STEPS", "build", "grads", "layout", "make"]
 
 
 def build() -> nn.Module:
@@ -29,6 +29,13 @@ def make(model: nn.Module, background: bool = True, **kw) -> Shampoo:
     scheduler = BackgroundRoots(mode="deterministic", delay=2) if background else InlineRoots(delay=2)
     return Shampoo(model.parameters(), lr=1e-2, momentum=0.5, precondition_frequency=3, start_preconditioning_step=2,
                    block_size=4, scheduler=scheduler, **kw)  # fmt: skip
+
+
+def layout(opt: Shampoo) -> dict[str, list]:
+    """Who computes what (``opt.rows()``), and the first row of each parameter's blocks."""
+    rows = [[b.index[0].start if b.index else 0 for b in opt.plan(p, g).blocks] for g in opt.param_groups
+            for p in g["params"]]  # fmt: skip
+    return {"rows": opt.rows(), "block_rows": rows}
 
 
 def main() -> None:
@@ -43,7 +50,7 @@ def main() -> None:
     counts: list[int] = [0] * dist.get_world_size()
     dist.all_gather_object(counts, pending)
     if dist.get_rank() == 0:
-        torch.save({"params": [p.detach() for p in model.parameters()], "owners": opt.owners(), "start": start,
+        torch.save({"params": [p.detach() for p in model.parameters()], "layout": layout(opt), "start": start,
                     "pending_loaded": counts}, out)  # fmt: skip
     opt.close()
     dist.barrier()  # leave together: a peer that leaves first can abort gloo's threads

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_distributed import rank_state
 from torch import nn
 
 from scalable_shampoo import Shampoo
@@ -197,7 +198,7 @@ def worker(rank, world, init_file, out_dir):
     opt = Shampoo(model.parameters(), **OPTS)  # the default group: each rank computes its share of the roots
     for step in range(STEPS):
         train_step(model, opt, step)
-    torch.save(state_tensors(model, opt), os.path.join(out_dir, f"{rank}.pt"))
+    torch.save({"state": state_tensors(model, opt), "rows": opt.rows()}, os.path.join(out_dir, f"{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
@@ -214,11 +215,18 @@ def test_many_small_equal_blocks_on_ranks_equal_one_process_bitwise(tmp_path, wo
     assert any(k.endswith("root.0.0") for k in want)  # roots were installed
     mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
     seen = set()
-    for rank in range(world):  # ZeRO-1: every parameter on every rank, each state entry on its owner only
-        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
-        assert {k for k in got if k.startswith("param")} == {k for k in want if k.startswith("param")}
-        assert seen.isdisjoint(k for k in got if "/" in k)
-        seen |= {k for k in got if "/" in k}
-        differ = [k for k in got if not torch.equal(got[k], want[k])]
-        assert not differ, f"rank {rank}: {len(differ)} tensors differ from one process, e.g. {differ[:5]}"
-    assert seen == {k for k in want if "/" in k}
+    for rank in range(world):  # ZeRO-1: every parameter on every rank, each block's state on its owner only
+        saved = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        got = saved["state"]
+        params = [k for k in want if k.startswith("param")]
+        assert {k for k in got if k.startswith("param")} == set(params)
+        assert all(torch.equal(got[k], want[k]) for k in params), rank
+        for i, pieces in enumerate(saved["rows"]):  # the rest: this rank's part of one process's state
+            mine = rank_state(ref_opt, i, pieces, rank) or {}
+            assert {k for k in got if k.startswith(f"{i}/")} == {f"{i}/{k}" for k in mine}, (rank, i)
+            differ = [k for k, v in mine.items() if not torch.equal(got[f"{i}/{k}"], v)]
+            assert not differ, f"rank {rank}: parameter {i}: {differ[:5]} differ from one process"
+            blocks = {f"{i}/{k}" for k in mine if len(k.split(".")) == 3}
+            assert seen.isdisjoint(blocks)
+            seen |= blocks
+    assert seen == {k for k in want if len(k.split(".")) == 3}  # every block's entries on one rank

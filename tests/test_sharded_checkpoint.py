@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from test_distributed import finish, init, killed_and_restarted
+from sharded_torchrun_worker import layout
+from test_distributed import finish, init, killed_and_restarted, rank_state
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -108,8 +109,8 @@ def resume(rank, load_from, save_at, save_to):
     model = build()
     opt = make(model)
     start, result = 0, {}
-    owners = opt.owners()
-    mine = {i for i, o in enumerate(owners) if o == rank}
+    lay = layout(opt)
+    mine = {i for i, pieces in enumerate(lay["rows"]) if any(r == rank for r, *_ in pieces)}
     if load_from is not None:
         # settings that lay out the state otherwise: refused before the model or the optimizer changes
         wrong = Shampoo(groups(model, g1={"block_size": 2}), scheduler=InlineRoots(delay=2), **FAST)
@@ -124,15 +125,15 @@ def resume(rank, load_from, save_at, save_to):
         result["read"] = reader.read
         result["loaded"] = {p_i for p_i, _ in state_of(opt, model)}
         result["pending_loaded"] = [o["key"] for e in opt.scheduler.state_dict()["pending"] for o in e["outcomes"]]
-    assert opt.owners() == owners  # as assigned for this world size before the load
+    assert opt.rows() == lay["rows"]  # as assigned for this world size before the load
     for step in range(start, STEPS):
         set_grads(model, step)
         opt.step()
         if step + 1 == save_at:
             result["pending_saved"] = [o["key"] for e in opt.scheduler.state_dict()["pending"] for o in e["outcomes"]]
             save_checkpoint(save_to, model, opt)
-    result.update(owners=owners, mine=mine, params=[p.detach() for p in model.parameters()],
-                  state=state_of(opt, model), start=start)  # fmt: skip
+    result.update(layout=lay, mine=mine, params=[p.detach() for p in model.parameters()],
+                  state=state_of(opt, model), start=start, rank=rank)  # fmt: skip
     return result
 
 
@@ -144,8 +145,10 @@ def spawn(tmp_path, name, world, load_from=None, save_at=None, save_to=None):
     return [torch.load(out / f"{r}.pt", weights_only=False) for r in range(world)]
 
 
-def check_writers(ckpt, owners):
-    """Each parameter's optimizer entries were written by its owner alone (DCP: one file per rank)."""
+def check_writers(ckpt, layout):
+    """Each optimizer entry was written by the one rank that computes it (DCP: one file per
+    rank): a parameter's owner, or where ranks split it by rows, the rank of the entry's
+    rows (``rows{lo}-{hi}`` entries), of its block, or of the first rows (the step)."""
     md = FileSystemReader(ckpt).read_metadata()
     files = {}
     for index, info in md.storage_data.items():
@@ -153,8 +156,17 @@ def check_writers(ckpt, owners):
     written = {k for k in files if k.startswith("optimizer.")}
     assert META_KEY in written
     for key in written - {META_KEY}:
-        owner = owners[int(key.split(".")[2])]
-        assert files[key] == {f"__{owner}_0.distcp"}, (key, files[key], owner)
+        _, _, i, rest = key.split(".", 3) + [""] * (key.count(".") < 3)
+        pieces = layout["rows"][int(i)]
+        head = rest.split(".")[0]
+        if head.startswith("rows"):
+            row = int(head[4:].split("-")[0])
+        elif rest.count(".") == 2:  # a block's entry
+            row = layout["block_rows"][int(i)][int(rest.split(".")[1])]
+        else:
+            row = 0
+        writer = next(r for r, lo, hi in pieces if lo <= row < hi or lo == row == hi)
+        assert files[key] == {f"__{writer}_0.distcp"}, (key, files[key], writer)
     return written
 
 
@@ -171,24 +183,29 @@ def test_dcp_reshard_4_to_2_to_1_and_3_reads_only_owned_state_and_continues_bitw
     runs[3] = spawn(tmp_path, "w3", 3, load_from=ckpt2)
     runs[1] = [resume(0, ckpt2, None, None)]  # world size 1: this process, without a process group
     for ckpt, saved in ((ckpt4, runs[4]), (ckpt2, runs[2])):
-        written = check_writers(ckpt, saved[0]["owners"])
+        written = check_writers(ckpt, saved[0]["layout"])
         assert params_of(written) == set(range(7))  # every parameter has state
         assert sum(bool(r["pending_saved"]) for r in saved) >= 2  # pending roots on several ranks
         # each rank's pending results are its own parameters' only
         assert all({k[0] for k in r["pending_saved"]} <= r["mine"] for r in saved)
+    assert any(len(pieces) > 1 for r in runs.values() for pieces in r[0]["layout"]["rows"])  # rows split too
     for world, results in runs.items():
-        owners = results[0]["owners"]
+        rows = results[0]["layout"]["rows"]
+        blocks = []
         for r in results:
-            assert r["owners"] == owners
+            assert r["layout"]["rows"] == rows
             assert all(torch.equal(a, b) for a, b in zip(r["params"], ref_model.parameters())), world
-            for (i, k), v in r["state"].items():  # the state an uninterrupted process has, each entry once
-                assert torch.equal(v, ref_state[(i, k)]), (world, i, k)
+            for i, pieces in enumerate(rows):  # this rank's part of the state an uninterrupted process has
+                want = rank_state(ref_opt, i, pieces, r["rank"]) or {}
+                got = {k: v for (j, k), v in r["state"].items() if j == i}
+                assert got.keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in got.items()), (world, i)
+            blocks += [(i, k) for i, k in r["state"] if k.count(".") == 2]
             if world != 4:  # a loaded run: this rank read its own parameters' state, no other's
                 assert r["start"] == (5 if world == 2 else 9)
                 assert params_of(r["read"]) == r["mine"] == r["loaded"], (world, r["mine"])
                 assert params_of(r["read"], "extra") == r["mine"]
                 assert {k[0] for k in r["pending_loaded"]} <= r["mine"]
-            assert sum(len(x["state"]) for x in results) == len(ref_state)  # every entry on one rank
+        assert sorted(blocks) == sorted(k for k in ref_state if k[1].count(".") == 2)  # each block's on one rank
         if world != 4:
             assert sum(len(r["pending_loaded"]) for r in results) > 0
     assert len(runs[3][0]["mine"]) < 7 and len(runs[1][0]["mine"]) == 7
@@ -408,7 +425,7 @@ def test_torchrun_restarts_after_sigkill_and_resumes_bitwise_from_sharded_state(
     got = torch.load(out, weights_only=True)
     assert got["start"] == 6 and all(n > 0 for n in got["pending_loaded"])  # each rank resumed its own pending roots
     for step in (3, 6, 9, 12):
-        check_writers(str(tmp_path / f"step{step}"), got["owners"])
+        check_writers(str(tmp_path / f"step{step}"), got["layout"])
     ref = w.build()
     ref_opt = w.make(ref, background=False, process_group=None)  # deterministic = InlineRoots(delay), bitwise
     for step in range(w.STEPS):

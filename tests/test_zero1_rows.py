@@ -55,7 +55,7 @@ def test_split_rows_cuts_once_per_rank_in_order_and_balances_the_cost():
             assert {lo for _, lo, _ in ps} <= {lo for lo, *_ in us}
         load = [0.0] * world
         for us, ps in zip(units, pieces):
-            for lo, hi, c in us:
+            for lo, _, c in us:
                 load[next(r for r, a, b in ps if a <= lo < b)] += c
         assert max(load) <= 19 / world + 5.0 / 2  # within half the largest unit of an equal share
     assert split_rows(units, 2) == [[(0, 0, 16), (1, 16, 20)], [(1, 0, 4)], [(1, 0, 16)]]
