@@ -96,7 +96,8 @@ def worker(rank: int, world: int, init_file: str, args: dict[str, Any], out: str
                  for p in model.parameters())  # fmt: skip
     rec = dict(rank=rank, world=world, mode=mode, comm=args["comm"], **_state_bytes(opt), rank_parameters=params,
                blocks=sum(len(b.members) and b.rows for b in opt._buckets.buckets),
-               owned_params=sum(1 for o in opt.owners() if o == rank),
+               pieces=sum(r == rank for ps in opt.rows() for r, *_ in ps),  # parameters (or rows of them) it computes
+               split_params=sum(len(ps) > 1 for ps in opt.rows()),
                cpu_step_ms=1e3 * statistics.fmean(cpu), wall_step_ms=1e3 * statistics.fmean(wall),
                exchange_wall_ms=1e3 * statistics.fmean(exchange), bytes_received_per_step=received / (WARMUP + STEPS),
                bytes_received_per_root_recomputation=0)  # fmt: skip

@@ -1,20 +1,23 @@
-"""ZeRO-1 across data-parallel ranks: each rank owns some parameters, keeps and computes only theirs.
+"""ZeRO-1 across data-parallel ranks: each rank owns some blocks, keeps and computes only theirs.
 
 Under data parallelism every rank holds the same averaged gradients. Rather than
 each rank repeating the whole step, the work is split (the paper's §4, and
 ZeRO stage 1 for the whole optimizer):
 
-* :func:`assign_owners` gives each parameter to one rank, deterministically (a
-  pure function of the shapes, the options and the world size, the same on every
-  rank), balancing the step's cost: per block, the statistics and the
-  preconditioning (≈ 2·numel·Σnᵢ flops), the amortized roots (Σnᵢ³ / frequency)
-  and the elementwise work. All blocks of a parameter go to its owner.
-* A rank keeps state only for the parameters it owns (statistics, roots, first
-  moment, grafting accumulator, momentum) and computes only their updates,
-  roots included: the owner is the only rank that uses a root, so roots are never
-  exchanged, and background roots (either mode) run per rank.
+* :func:`split_rows` cuts the rows of blocks of all parameters, in order, into one
+  run per rank of about equal cost (:func:`block_cost`: the statistics and the
+  preconditioning, ≈ 2·numel·Σnᵢ flops, the amortized roots, Σnᵢ³ / frequency, and
+  the elementwise work), deterministically: a pure function of the shapes, the
+  options and the world size, the same on every rank. A parameter that straddles
+  a cut is split by rows of blocks (its merged axis 0) between ranks; the others
+  fall wholly to one rank (``Shampoo.rows``).
+* A rank keeps state only for what it owns (its blocks' statistics and roots, its
+  rows of the first moment, grafting accumulator and momentum) and computes only
+  its updates, roots included: the owner is the only rank that uses a root, so
+  roots are never exchanged, and background roots (either mode) run per rank.
 * :meth:`Sharding.share` then makes the step's one collective: an ``all_gather``
-  of every rank's owned directions (P after momentum) in one flat byte buffer.
+  of every rank's owned directions (P after momentum, of whole parameters or of
+  rows) in one flat byte buffer; the rows of a split parameter are joined again.
   Every rank then applies ``W ← W(1 − lr·λ) − lr·P`` to every parameter.
 
 **Directions travel, not parameters.** A direction is what the lr step consumes,
@@ -32,10 +35,11 @@ of everything; ``fsdp="local"`` moves nothing but a flag per parameter.
 **Checkpoints.** Two ways, both loading at any world size:
 
 * :func:`save_checkpoint` / :func:`load_checkpoint` (``torch.distributed.checkpoint``)
-  keep the state sharded: each rank writes only its own parameters' state, under
-  global keys (:func:`state_key`, :func:`extra_key`, ``META_KEY``); the loader
-  checks the settings and shapes first, assigns owners for its world size and
-  reads only its own parameters' entries. No rank holds the whole state.
+  keep the state sharded: each rank writes only its own state, under global keys
+  (:func:`state_key`, :func:`extra_key`, ``META_KEY``); the loader checks the
+  settings and shapes first, cuts the rows for its world size and reads only its
+  own entries (of rows saved apart, those that overlap its own). No rank holds the
+  whole state.
 * ``state_dict()`` is a collective under sharding: every rank must call it, and
   each gets the whole state (every owner's entries, and every rank's pending root
   results), so ``torch.save`` of it on rank 0 is a complete checkpoint.
