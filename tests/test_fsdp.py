@@ -151,7 +151,7 @@ def fsdp_worker(rank, world, init_file, out_dir):
             assert sorted(f"stat.{r['block']}.{r['axis']}" for r in rows if r["param"] == i) == sorted(stats)
         result[mode] = dict(
             params=[p.full_tensor() for p in model.parameters()], state=state_bytes(opt), received=received,
-            owned=[i for i, o in enumerate(opt.owners()) if o == rank],
+            owned=[i for i, pieces in enumerate(opt.rows()) for r, *_ in pieces if r == rank], rows=opt.rows(),
             local_shapes=[tuple(p.to_local().shape) for p in model.parameters()],
         )  # fmt: skip
         opt.close()
@@ -186,10 +186,12 @@ def test_fsdp2_lossless_equals_one_process_and_local_equals_the_same_cuts_bitwis
         want, total = reference(mode, STEPS, world, InlineRoots(delay=2) if mode == "lossless" else None)
         for r in results:
             assert all(torch.equal(a, b) for a, b in zip(r[mode]["params"], want)), mode
-        # each entry of state is kept once, by one rank
-        assert sum(r[mode]["state"] for r in results) == total, mode
-    # lossless: whole parameters to owners, every one owned once; no all_gather of everything
-    owned = sorted(i for r in results for i in r["lossless"]["owned"])
+        # each entry of state is kept once, by one rank (but the step, by every rank of a split parameter)
+        split = sum(len(pieces) - 1 for pieces in results[0]["lossless"]["rows"]) if mode == "lossless" else 0
+        assert sum(r[mode]["state"] for r in results) == total + 8 * split, mode
+        assert mode == "local" or world == 2 or split > 0  # at 3 ranks a.weight's rows are split
+    # lossless: parameters, or rows of blocks of them, to owners, every one owned; no all_gather of everything
+    owned = sorted(set(i for r in results for i in r["lossless"]["owned"]))
     assert owned == list(range(6))
     assert sum(len(r["lossless"]["owned"]) > 0 for r in results) >= 2
     for r in results:
@@ -258,7 +260,7 @@ def hsdp_worker(rank, world, init_file, out_dir):
         assert [type(pl).__name__ for pl in p.placements] == ["Replicate", "Shard"]
         opt, received = run(model, mode, STEPS)
         result[mode] = dict(params=[p.full_tensor() for p in model.parameters()], state=state_bytes(opt),
-                            received=received, owners=opt.owners())  # fmt: skip
+                            received=received, owners=opt.owners(), rows=opt.rows())  # fmt: skip
     torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     finish()
 
@@ -272,14 +274,15 @@ def test_hsdp_2x2_lossless_and_local_shard_within_and_split_across_replicas(tmp_
         for r in results:
             assert all(torch.equal(a, b) for a, b in zip(r[mode]["params"], want)), mode
         # every entry once over the 4 ranks: sharded within a replica group, split across the two
-        assert sum(r[mode]["state"] for r in results) == total, mode
+        split = sum(len(pieces) - 1 for pieces in results[0]["lossless"]["rows"]) if mode == "lossless" else 0
+        assert sum(r[mode]["state"] for r in results) == total + 8 * split, mode  # the step: on each piece
     # local: ranks (0, 2) hold shard 0 in replicas 0 and 1, and split its work (ZeRO-1 across replicas)
     for a, b in ((0, 2), (1, 3)):
         owners = results[a]["local"]["owners"]
         assert owners == results[b]["local"]["owners"] and set(owners) == {a, b}
         assert results[a]["local"]["received"][-1] > 0
-    owners = results[0]["lossless"]["owners"]
-    assert all(r["lossless"]["owners"] == owners for r in results) and len(set(owners)) >= 3
+    rows = results[0]["lossless"]["rows"]
+    assert all(r["lossless"]["rows"] == rows for r in results) and len({r for ps in rows for r, *_ in ps}) >= 3
 
 
 def placement_worker(rank, world, init_file, out_dir):

@@ -251,10 +251,11 @@ class Sharding:
 # copied over another (``Replicate()``: HSDP's replica groups). Its rows live on a grid of ranks:
 # ``ranks[r][s]`` holds rows ``rows[s]`` in replica ``r``. ``Shampoo(fsdp=...)`` chooses:
 #
-# * ``"lossless"``: a parameter's owner (any rank of the grid, :func:`assign_owners` over the
-#   whole group) receives the rows it lacks from the holders in its own replica
-#   (:func:`to_owners`), computes the update of the whole parameter as one process would,
-#   and sends each holder its rows of it (:func:`from_owners`): two ``all_to_all`` per step.
+# * ``"lossless"``: the owner of a parameter, or of some rows of blocks of it (any rank of the
+#   grid; :func:`split_rows` over the whole group, as for plain parameters) receives the rows
+#   it lacks from their holders in its own replica (:func:`to_owners`), computes their update
+#   as one process would, and sends each holder its rows of it (:func:`from_owners`): two
+#   ``all_to_all`` per step.
 # * ``"local"``: every rank preconditions the blocks of its own rows (no exchange); under
 #   HSDP each replica group splits that work ZeRO-1 style (:meth:`Sharding.share` in the
 #   mesh's replicate group).
@@ -318,77 +319,90 @@ def grid(p: Tensor, group: Any) -> Grid:
     return Grid(tuple(tuple(line) for line in in_group), rows, replicate_dim)
 
 
+Piece = tuple[int, int, int]  # (rank, lo, hi): rows lo … hi-1 of a parameter, computed by rank (Shampoo.rows)
+
+
 def _row_bytes(shape: torch.Size, dtype: torch.dtype) -> int:
     return math.prod(shape[1:]) * dtype.itemsize
 
 
-def to_owners(sh: Sharding, step: int, grids: list[Grid], owners: list[int], shapes: list[torch.Size],
+def to_owners(sh: Sharding, step: int, grids: list[Grid], pieces: list[Piece], shapes: list[torch.Size],
               shards: list[Tensor]) -> list[Tensor | None]:  # fmt: skip
-    """The whole gradient of each item this rank owns (None for the others): one ``all_to_all``.
+    """Rows ``lo … hi-1`` of the whole gradient of each piece ``(owner, lo, hi)`` this rank owns
+    (None for the others): one ``all_to_all``.
 
-    ``grids``, ``owners`` and ``shapes`` (the whole gradient's) describe every item, the same on
-    every rank; ``shards`` are this rank's rows of them (one dtype per item on every rank). The
-    owner takes each block of rows from its holder in the owner's replica; the rows are only
-    copied, so the whole gradient is bitwise the one a single process sees."""
+    ``grids``, ``pieces`` and ``shapes`` (the whole gradient's) describe every piece, the same on
+    every rank; ``shards`` are this rank's rows of the piece's parameter (one dtype per piece on
+    every rank). The owner takes the rows it lacks from their holders in its own replica; rows are
+    only copied, so the gradient is bitwise the one a single process sees."""
     me = sh.rank
     send: list[list[Tensor]] = [[] for _ in range(sh.world)]
     recv = [0] * sh.world
-    for g, o, shape, mine in zip(grids, owners, shapes, shards):
+    for g, (o, lo, hi), shape, mine in zip(grids, pieces, shapes, shards):
         replica = g.where(o)[0]
         for s, (a, b) in enumerate(g.rows):
-            src = g.ranks[replica][s]
-            if src != o and b > a:
+            src, start, stop = g.ranks[replica][s], max(a, lo), min(b, hi)
+            if src != o and stop > start:
                 if src == me:
-                    send[o].append(mine)
+                    send[o].append(mine[start - a : stop - a])
                 if o == me:
-                    recv[src] += (b - a) * _row_bytes(shape, mine.dtype)
+                    recv[src] += (stop - start) * _row_bytes(shape, mine.dtype)
     got = sh.all_to_all(step, send, recv)
     cursor = [0] * sh.world
     out: list[Tensor | None] = []
-    for g, o, shape, mine in zip(grids, owners, shapes, shards):
+    for g, (o, lo, hi), shape, mine in zip(grids, pieces, shapes, shards):
         if o != me:
             out.append(None)
             continue
         replica, parts = g.where(o)[0], []
         for s, (a, b) in enumerate(g.rows):
-            src, n = g.ranks[replica][s], (b - a) * _row_bytes(shape, mine.dtype)
+            src, start, stop = g.ranks[replica][s], max(a, lo), min(b, hi)
+            if stop <= start:
+                continue
             if src == me:
-                parts.append(mine)
-            elif n:
-                parts.append(got[src][cursor[src] : cursor[src] + n].clone().view(mine.dtype).view(b - a, *shape[1:]))
+                parts.append(mine[start - a : stop - a])
+            else:
+                n = (stop - start) * _row_bytes(shape, mine.dtype)
+                parts.append(got[src][cursor[src] : cursor[src] + n].clone().view(mine.dtype)
+                             .view(stop - start, *shape[1:]))  # fmt: skip
                 cursor[src] += n
         out.append(torch.cat(parts) if len(parts) > 1 else parts[0].clone())
     return out
 
 
-def from_owners(sh: Sharding, step: int, grids: list[Grid], owners: list[int], shapes: list[torch.Size],
-                dtypes: list[torch.dtype], mine: list[Tensor | None]) -> list[Tensor]:  # fmt: skip
-    """This rank's rows of every item's update (``mine``: the whole updates of the items this
-    rank owns, already on the wire's dtype, None for the others): one ``all_to_all``."""
+def from_owners(sh: Sharding, step: int, grids: list[Grid], pieces: list[Piece], shapes: list[torch.Size],
+                dtypes: list[torch.dtype], mine: list[Tensor | None]) -> list[Tensor | None]:  # fmt: skip
+    """This rank's rows of each piece's update (None where it holds none of them), from ``mine``:
+    the updates of the pieces ``(owner, lo, hi)`` this rank owns (rows ``lo … hi-1`` of the whole,
+    already on the wire's dtype; None for the others): one ``all_to_all``."""
     me = sh.rank
     send: list[list[Tensor]] = [[] for _ in range(sh.world)]
     recv = [0] * sh.world
-    for g, o, shape, dtype, d in zip(grids, owners, shapes, dtypes, mine):
+    for g, (o, lo, hi), shape, dtype, d in zip(grids, pieces, shapes, dtypes, mine):
         for line in g.ranks:
             for dst, (a, b) in zip(line, g.rows):
-                if dst == o or b == a:
+                start, stop = max(a, lo), min(b, hi)
+                if dst == o or stop <= start:
                     continue
                 if o == me:
                     assert d is not None
-                    send[dst].append(d[a:b])
+                    send[dst].append(d[start - lo : stop - lo])
                 if dst == me:
-                    recv[o] += (b - a) * _row_bytes(shape, dtype)
+                    recv[o] += (stop - start) * _row_bytes(shape, dtype)
     got = sh.all_to_all(step, send, recv)
     cursor = [0] * sh.world
-    out = []
-    for g, o, shape, dtype, d in zip(grids, owners, shapes, dtypes, mine):
+    out: list[Tensor | None] = []
+    for g, (o, lo, hi), shape, dtype, d in zip(grids, pieces, shapes, dtypes, mine):
         a, b = g.rows[g.where(me)[1]]
-        if o == me:
+        start, stop = max(a, lo), min(b, hi)
+        if stop <= start:
+            out.append(None)
+        elif o == me:
             assert d is not None
-            out.append(d[a:b])
+            out.append(d[start - lo : stop - lo])
         else:
-            n = (b - a) * _row_bytes(shape, dtype)
-            out.append(got[o][cursor[o] : cursor[o] + n].clone().view(dtype).view(b - a, *shape[1:]))
+            n = (stop - start) * _row_bytes(shape, dtype)
+            out.append(got[o][cursor[o] : cursor[o] + n].clone().view(dtype).view(stop - start, *shape[1:]))
             cursor[o] += n
     return out
 

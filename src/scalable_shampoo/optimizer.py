@@ -42,6 +42,7 @@ from .blocks import BlockPlan, make_plan, normalize_axes, rows_plan
 from .buckets import Buckets, Corrected, Entry, Spec
 from .distributed import (
     Grid,
+    Piece,
     Sharding,
     assign_owners,
     from_owners,
@@ -61,7 +62,6 @@ from .state import RootInfo, StateCodec, basis_key, diagnostics, info_key, memor
 __all__ = ["NonFiniteGrad", "Preconditioner", "Shampoo"]
 
 ParamGrad = tuple[int, dict[str, Any], Tensor, Tensor]  # (index, group, parameter, gradient; see _params_with_grad)
-Piece = tuple[int, int, int]  # (rank, lo, hi): rows lo … hi-1 of a parameter's merged axis 0 (see Shampoo.rows)
 _SCHEDULER_METHODS = ("run", "state_dict", "load_state_dict", "close")
 # what a copy or a pickle carries besides torch's defaults, state and param_groups, and
 # what an optimizer pickled by a version that lacked an attribute gets for it
@@ -657,15 +657,16 @@ class Shampoo(torch.optim.Optimizer):
         A pure function of the shapes, the options and the world size, the same on every rank;
         cached until the plans change.
 
-        - Plain parameters (DDP, ZeRO-1): the blocks' rows of all parameters, in order, are cut
-          into one run per rank of about equal cost (:func:`~scalable_shampoo.distributed.split_rows`),
-          never inside a block. Most parameters are one piece; one that straddles a cut is
-          split by rows between ranks (at most W−1 of them). Without a block split along axis 0
-          (a vector, or an embedding table whose vocabulary axis keeps no statistic) a
+        - Plain parameters (DDP, ZeRO-1) and FSDP2 ``"lossless"`` DTensors: the blocks' rows of
+          all of them, in order, are cut into one run per rank of about equal cost
+          (:func:`~scalable_shampoo.distributed.split_rows`), never inside a block. Most
+          parameters are one piece; one that straddles a cut is split by rows between ranks
+          (at most W−1 of them). Without a block split along axis 0 (a vector, an embedding
+          table whose vocabulary axis keeps no statistic, a DTensor whose first dim is 1) a
           parameter stays whole.
-        - FSDP2 ``"lossless"`` DTensors: one owner per parameter (greedy balance of the costs).
         - FSDP2 ``"local"``: each rank its own shards (under HSDP, a rank of its replica
-          group, chosen as above among the replicas); the piece is the shard's rows.
+          group, chosen by greedy balance of the costs among the replicas); the piece is the
+          shard's rows.
         """
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         plans = [(self._shard_plan(p, g), g["precondition_frequency"]) for p, g in params]
@@ -674,10 +675,8 @@ class Shampoo(torch.optim.Optimizer):
         key = (self._sharding.world, self.fsdp, plans)
         if self._owner_cache[0] != key:
             local = [self._is_local(p) for p, _ in params]
-            plain = [not isinstance(p, DTensor) for p, _ in params]
             costs = [param_cost(*pf) for pf in plans]
-            owners = assign_owners([0.0 if lo or pl else c for lo, pl, c in zip(local, plain, costs)],
-                                   self._sharding.world)  # fmt: skip
+            owners = [0] * len(params)
             replicas: dict[tuple[int, ...], list[int]] = {}  # "local": who shares this rank's shards
             for i, (p, _) in enumerate(params):
                 if local[i]:
@@ -686,8 +685,10 @@ class Shampoo(torch.optim.Optimizer):
             for column, items in replicas.items():
                 for i, r in zip(items, assign_owners([costs[i] for i in items], len(column))):
                     owners[i] = column[r]
-            split = iter(split_rows([row_costs(*pf) for pf, pl in zip(plans, plain) if pl], self._sharding.world))
-            pieces = [next(split) if pl else [(o, 0, _height(pf[0]))] for pl, o, pf in zip(plain, owners, plans)]
+            units = [row_costs(plan, f) if not isinstance(p, DTensor) or p.shape[0] == _height(plan) else
+                     [(0, _height(plan), param_cost(plan, f))] for (p, _), (plan, f) in zip(params, plans)]  # fmt: skip
+            split = iter(split_rows([u for u, lo in zip(units, local) if not lo], self._sharding.world))
+            pieces = [[(o, 0, _height(pf[0]))] if lo else next(split) for lo, o, pf in zip(local, owners, plans)]
             rank = self._sharding.rank
             self._split = {p: (lo, hi) for (p, _), ps in zip(params, pieces) if len(ps) > 1
                            for r, lo, hi in ps if r == rank}  # fmt: skip
@@ -741,21 +742,29 @@ class Shampoo(torch.optim.Optimizer):
         if self._sharding is None:
             return every, [self._gradient(p, grad, group) for _, group, p, grad in every]
         pieces, rank = self.rows(), self._sharding.rank
-        owners = [ps[0][0] for ps in pieces]
-        whole: dict[int, Tensor] = {}  # "lossless": this rank's parameters' gradients, gathered at their owners
+        whole: dict[int, Tensor] = {}  # "lossless": this rank's rows of parameters, gathered from their holders
         lossless = [pg for pg in every if isinstance(pg[2], DTensor) and not self._is_local(pg[2])]
         if lossless:
-            got = to_owners(self._sharding, self.global_step, [self._grids[p] for _, _, p, _ in lossless],
-                            [owners[i] for i, *_ in lossless], [p.shape for _, _, p, _ in lossless],
-                            [self._gradient(p, grad, group) for _, group, p, grad in lossless])  # fmt: skip
-            whole = {i: g for (i, *_), g in zip(lossless, got) if g is not None}
+            shards = {i: self._gradient(p, grad, group) for i, group, p, grad in lossless}
+            items = [(i, group, p, piece) for i, group, p, _ in lossless for piece in pieces[i]]
+            got = to_owners(self._sharding, self.global_step, [self._grids[p] for _, _, p, _ in items],
+                            [piece for *_, piece in items], [p.shape for _, _, p, _ in items],
+                            [shards[i] for i, *_ in items])  # fmt: skip
+            for (i, group, p, (_, lo, hi)), g in zip(items, got):
+                if g is not None:  # this rank's piece: shaped as its plan's merged rows where p is split
+                    whole[i] = g if len(pieces[i]) == 1 else g.reshape(hi - lo, *self._shard_plan(p, group).merged[1:])
         params, grads = [], []
         for i, group, p, grad in every:
-            mine = any(r == rank for r, *_ in pieces[i])
-            if mine and (i in whole or grad.numel() > 0):  # "local": a shard may have no rows
-                g = whole[i] if i in whole else self._gradient(p, grad, group)
-                params.append((i, group, p, g))
-                grads.append(g)
+            if i in whole:
+                g = whole[i]
+            elif any(r == rank for r, *_ in pieces[i]) and not isinstance(p, DTensor):
+                g = self._my_rows(p, group, self._gradient(p, grad, group))
+            elif any(r == rank for r, *_ in pieces[i]) and self._is_local(p) and grad.numel() > 0:
+                g = self._gradient(p, grad, group)  # "local": a shard may have no rows
+            else:
+                continue
+            params.append((i, group, p, g))
+            grads.append(g)
         return params, grads
 
     def _share(self, every: list[ParamGrad], params: list[ParamGrad], mine: list[Tensor]) -> list[Tensor]:
@@ -786,11 +795,17 @@ class Shampoo(torch.optim.Optimizer):
                     for (i, _, p, _), ds in zip(plain, parts.values())}  # fmt: skip
         lossless = [pg for pg in every if isinstance(pg[2], DTensor) and not self._is_local(pg[2])]
         if lossless:
-            got = from_owners(sh, self.global_step, [self._grids[p] for _, _, p, _ in lossless],
-                              [owners[i] for i, *_ in lossless], [p.shape for _, _, p, _ in lossless],
-                              [sh.communication_dtype or self._state_dtype(p) for _, _, p, _ in lossless],
-                              [sh.wire(by_index[i]) if i in by_index else None for i, *_ in lossless])  # fmt: skip
-            out |= {i: d for (i, *_), d in zip(lossless, got)}
+            owned = [(i, p, piece) for i, _, p, _ in lossless for piece in pieces[i]]
+            wires = [sh.communication_dtype or self._state_dtype(p) for _, p, _ in owned]
+            sent: list[Tensor | None] = [sh.wire(by_index[i]).reshape(hi - lo, *p.shape[1:]) if r == sh.rank else None
+                                         for i, p, (r, lo, hi) in owned]  # fmt: skip
+            back = from_owners(sh, self.global_step, [self._grids[p] for _, p, _ in owned], [pc for *_, pc in owned],
+                               [p.shape for _, p, _ in owned], wires, sent)  # fmt: skip
+            rows: dict[int, list[Tensor]] = {i: [] for i, *_ in lossless}
+            for (i, p, _), part, dtype in zip(owned, back, wires):  # this rank's rows, of each piece that has some
+                none = torch.empty((0, *p.shape[1:]), dtype=dtype, device=p.device)
+                rows[i].append(part if part is not None else none)
+            out |= {i: torch.cat(rs) if len(rs) > 1 else rs[0] for i, rs in rows.items()}
         out |= {i: g for i, _, p, g in every if self._is_local(p) and g.numel() == 0}  # no rows here: nothing
         local = [pg for pg in every if self._is_local(pg[2]) and pg[3].numel() > 0]
         if local and len(self._grids[local[0][2]].ranks) > 1:  # HSDP: the replicas share the work
@@ -818,11 +833,10 @@ class Shampoo(torch.optim.Optimizer):
         return {i: d for (i, *_), d in zip(local, got)}
 
     def _gradient(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
-        """G (+ λW with L2 weight decay) of what this rank computes: its shard or rows of ``p``."""
-        g = self._my_rows(p, group, grad).to(self._state_dtype(p))
+        """G (+ λW with L2 weight decay) of this rank's part of ``p``: all of it, or its shard."""
+        g = grad.to(self._state_dtype(p))
         if group["weight_decay"] and not group["decoupled_weight_decay"]:
-            w = self._my_rows(p, group, _local(p).detach())
-            g = g.add(w.to(g.dtype), alpha=group["weight_decay"])  # L2: G ← G + λW (of this shard)
+            g = g.add(_local(p).to(g.dtype), alpha=group["weight_decay"])  # L2: G ← G + λW (of this shard)
         return g
 
     def _count_steps(self, params: list[ParamGrad]) -> list[int]:
