@@ -36,12 +36,13 @@ def main() -> None:
     for step in range(STEPS):
         grads(model, step)
         opt.step()
-    owned = sum(1 for o in opt.owners() if o == dist.get_rank())
+    owned = sum(r == dist.get_rank() for pieces in opt.rows() for r, *_ in pieces)
     info = torch.tensor([owned], dtype=torch.int64)
-    dist.all_reduce(info)  # every parameter has exactly one owner across the nodes
+    dist.all_reduce(info)  # every parameter (or run of rows of one) has exactly one owner across the nodes
     if dist.get_rank() == 0:
         torch.save({"params": [p.detach() for p in model.parameters()], "world": dist.get_world_size(),
-                    "nodes": int(os.environ["GROUP_WORLD_SIZE"]), "owned": int(info)}, sys.argv[1])  # fmt: skip
+                    "nodes": int(os.environ["GROUP_WORLD_SIZE"]), "owned": int(info),
+                    "pieces": sum(len(pieces) for pieces in opt.rows())}, sys.argv[1])  # fmt: skip
     dist.barrier()
     dist.destroy_process_group()
 

@@ -444,21 +444,33 @@ def test_two_torchrun_nodes_of_two_processes_equal_one_process_bitwise(tmp_path)
     sys.path.insert(0, os.path.dirname(__file__))
     import multinode_worker as w
 
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    def launch():
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+               os.path.join(os.path.dirname(__file__), "multinode_worker.py"), str(out)]  # fmt: skip
+        env = {**os.environ, "TORCH_GLOO_LAZY_INIT": "1"}
+        nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for _ in range(2)]  # fmt: skip
+        errs = [node.communicate(timeout=300)[1] for node in nodes]
+        return [(node.returncode, err) for node, err in zip(nodes, errs)]
+
     out = tmp_path / "out.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
-           os.path.join(os.path.dirname(__file__), "multinode_worker.py"), str(out)]  # fmt: skip
-    env = {**os.environ, "TORCH_GLOO_LAZY_INIT": "1"}
-    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
-    for node in nodes:
-        _, err = node.communicate(timeout=300)
-        assert node.returncode == 0, err[-3000:]
+    for attempt in range(2):
+        results = launch()
+        # torchrun's known teardown race (pytorch/pytorch#69197): the agent that hosts the rendezvous
+        # store may exit once its own workers are done while the other agent still polls the store.
+        # Training had finished (the output is written); only then, and only once, launch again.
+        race = any(rc != 0 and "num_nodes_waiting" in err and "RendezvousConnectionError" in err for rc, err in results)
+        if not (race and out.exists() and attempt == 0):
+            break
+        out.unlink()
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
     got = torch.load(out, weights_only=True)
-    assert got["world"] == 4 and got["nodes"] == 2 and got["owned"] == 6
+    assert got["world"] == 4 and got["nodes"] == 2 and got["owned"] == got["pieces"] >= 6
     ref = w.build()
     ref_opt = Shampoo(ref.parameters(), lr=1e-2, precondition_frequency=3, start_preconditioning_step=2)
     for step in range(w.STEPS):
