@@ -120,6 +120,11 @@ def run(rank, world, out_dir, ckpt_in=None, ckpt_out=None, save_at=None):
         got = {k: v for k, v in opt.state[p].items() if torch.is_tensor(v)}
         assert got.keys() == want.keys(), (i, got.keys() ^ want.keys())
         assert all(torch.equal(got[k], want[k]) for k in want), i
+    table = opt.plan_table(model)  # says who computes which rows
+    assert [r["ranks"] for r in table.rows] == (layout if world > 1 else [None] * len(layout))
+    text = str(table).splitlines()[2]  # big.weight's row
+    assert (text.endswith(" | " + ", ".join(f"rank {r}: {lo}–{hi}" for r, lo, hi in layout[0]) + " |") if world > 1
+            else "rank" not in str(table))  # fmt: skip
     sd = opt.state_dict()  # a collective: the whole state, as one process's
     ref_sd = ref.state_dict()
     assert sd["state"].keys() == ref_sd["state"].keys()

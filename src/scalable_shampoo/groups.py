@@ -81,12 +81,18 @@ class PlanTable:
 
     def __str__(self) -> str:
         head = ["param", "shape", "merged", "blocks", "preconditioned (dims)", "statistics", "entries", "root n³"]
+        sharded = any(r.get("ranks") for r in self.rows)
+        head += ["computed by (rows)"] if sharded else []
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
             pre = ", ".join("·".join(map(str, dims)) for dims in r["preconditioned"]) or "none (grafting)"
             stats = " + ".join(f"{c}×{n}²" for n, c in r["statistic_sizes"]) or "–"
             cells = [r["name"], _shape(r["shape"]), _shape(r["merged"]), str(r["blocks"]), pre, stats,
                      f"{r['statistics']:,}", f"{r['root_flops']:.2g}"]  # fmt: skip
+            if sharded:
+                pieces = r["ranks"]
+                cells.append(f"rank {pieces[0][0]}" if len(pieces) == 1 else
+                             ", ".join(f"rank {k}: {lo}–{hi}" for k, lo, hi in pieces))  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         t = self.totals
         ratio = t["statistics"] / max(t["numel"], 1)
@@ -107,11 +113,16 @@ def plan_table(opt: Shampoo, model: nn.Module | None = None) -> PlanTable:
     else ``group.index``), ``shape``, ``merged``, ``groups`` (the dims of each merged axis),
     ``preconditioned`` (the dims of each axis that keeps a statistic in some block),
     ``blocks``, ``statistic_sizes`` ([(n, count)], largest first), ``statistics`` (Σ n²,
-    entries), ``root_flops`` (Σ n³ per recomputation, the roots' cost up to a constant), ``numel``."""
+    entries), ``root_flops`` (Σ n³ per recomputation, the roots' cost up to a constant), ``numel``,
+    and under sharding ``ranks``: who computes which rows (:meth:`Shampoo.rows`; FSDP2
+    ``"local"``: each rank its own shard, the rows of this rank's), else None."""
+    layout = opt.rows() if opt._sharding is not None else None
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     table = PlanTable()
+    index = -1
     for gi, group in enumerate(opt.param_groups):
         for pi, p in enumerate(group["params"]):
+            index += 1
             plan = opt.plan(p, group)
             sizes = Counter(blk.shape[a] for blk in plan.blocks for a in blk.axes)
             axes = sorted({a for blk in plan.blocks for a in blk.axes})
@@ -121,5 +132,6 @@ def plan_table(opt: Shampoo, model: nn.Module | None = None) -> PlanTable:
                 statistic_sizes=sorted(sizes.items(), reverse=True),
                 statistics=sum(c * n * n for n, c in sizes.items()),
                 root_flops=sum(c * n**3 for n, c in sizes.items()), numel=p.numel(),
+                ranks=layout[index] if layout is not None else None,
             ))  # fmt: skip
     return table
