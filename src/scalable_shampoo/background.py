@@ -81,7 +81,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .matrix_roots import RootMethod, eigenbasis, inverse_root
+from .matrix_roots import RootMethod, eigenbasis, inverse_root, power_step_basis
 
 __all__ = [
     "BackgroundRoots",
@@ -110,6 +110,7 @@ class RootOptions:
     newton_max_iters: int
     newton_tol: float
     eigenbasis: bool = False  # the job's result is the eigenvector matrix Q (eigenvalue-corrected), not a root
+    qr_refresh: bool = False  # the job's matrix is L·Q_prev, and its result the Q of its QR (``basis_refresh="qr"``)
 
 
 @dataclass
@@ -188,7 +189,9 @@ def compute_roots(jobs: list[RootJob]) -> list[RootOutcome]:
         if _EXITING.is_set() and threading.current_thread() is not threading.main_thread():
             raise _Stopped("the interpreter is exiting")
         stack = torch.stack([j.matrix for j in batch])
-        if opts.eigenbasis:
+        if opts.qr_refresh:
+            res = power_step_basis(stack, dtype=opts.dtype)
+        elif opts.eigenbasis:
             res = eigenbasis(stack, eps=opts.eps, relative_eps=opts.relative_eps, dtype=opts.dtype,
                              max_residual=opts.max_residual, retries=opts.retries)  # fmt: skip
         else:

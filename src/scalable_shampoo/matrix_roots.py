@@ -17,6 +17,7 @@ Both methods compute the same matrix function, ``(A + ε_eff·I)^(-1/p)``:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -34,6 +35,7 @@ __all__ = [
     "inverse_root",
     "matrix_power",
     "max_eigenvalue",
+    "power_step_basis",
     "root_power",
     "root_residual",
 ]
@@ -387,6 +389,32 @@ def eigenbasis(
 
     return _judged(a, chain, attempt, relative_eps=relative_eps, dtype=dtype, max_residual=max_residual,
                    newton_tol=None)  # fmt: skip
+
+
+def power_step_basis(lq: Tensor, *, dtype: torch.dtype | None = None, max_residual: float = 0.5) -> RootResult:
+    """The cheaper basis refresh (SOAP's): one QR power step instead of a full :func:`eigenbasis`.
+
+    ``lq`` is ``[B, n, n]`` of ``L·Q_prev`` with Q_prev's columns reversed, largest eigenvalue
+    first: the order that a power step keeps (simultaneous iteration drives the first column
+    to the top eigenvector). The result is the Q of ``qr(lq)``, each column's sign chosen so
+    that R's diagonal is ≥ 0, with its columns reversed back (ascending, as eigh gives them):
+    the columns keep Q_prev's order and orientation, so the second moment V (and a first
+    moment kept in the basis) stay matched to them, and Q converges to L's eigenvectors as
+    refreshes repeat. Judged only as a basis: rejected (``ok`` False) where it is not finite
+    or ``|QᵀQ·V − V|`` on the probe vectors exceeds ``max_residual``, and the previous basis is
+    then kept. ``lambda_max`` is the largest ``|R_ii|`` (≈ λ_max of L), ``eps`` 0; the one
+    stage is ``"qr/fp32"`` (or ``"qr/fp64"``). Each matrix's Q does not depend on the batch (LAPACK factors
+    them one by one)."""
+    x = lq.to(dtype or lq.dtype)
+    q, r = torch.linalg.qr(x)
+    diag = r.diagonal(dim1=-2, dim2=-1)
+    q = (q * torch.where(diag < 0, -1.0, 1.0).to(q.dtype)[..., None, :]).flip(-1)
+    v = _probes(q)
+    residual = (q.mT @ (q @ v) - v).abs().amax((-2, -1))
+    ok = torch.isfinite(q).all(-1).all(-1) & (residual <= max_residual)
+    residual = torch.where(torch.isfinite(residual), residual, torch.full_like(residual, math.inf))
+    return RootResult(q.to(lq.dtype), residual, torch.zeros_like(residual), diag.abs().amax(-1), ok,
+                      torch.where(ok, 0, -1), (f"qr/{'fp64' if x.dtype == torch.float64 else 'fp32'}",))  # fmt: skip
 
 
 def _basis_attempt(a: Tensor, eps: float, relative: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from enum import Enum
 from typing import Any
 
@@ -155,6 +156,13 @@ class Shampoo(torch.optim.Optimizer):
             ``exponent_override`` p makes the denominator V̂^(1/p) + ε (default p = 2).
             It costs the roots' memory for the bases plus V (``exp_avg_sq``, one parameter-sized
             buffer); ``compile_elementwise`` does not apply to it (eager).
+        basis_refresh: with the eigenvalue-corrected preconditioner, how a basis is refreshed
+            once a block has one: ``"eigh"`` (default; a full eigendecomposition, with the
+            fallback chain) or ``"qr"``: one QR power step from the installed basis, SOAP's
+            cheaper refresh (one matmul L·Q per statistic on the training thread at the refresh
+            step, then a QR instead of eigh in the scheduler's job; see
+            :func:`~scalable_shampoo.matrix_roots.power_step_basis`). The first basis always
+            comes from eigh.
         grafting: a :class:`GraftingType` or its name; default (``None``): ``"adam"`` with
             the root preconditioner, ``"none"`` with the eigenvalue-corrected one (its V
             sets the scale; another type rescales each block's P to that method's norm).
@@ -244,6 +252,7 @@ class Shampoo(torch.optim.Optimizer):
         nesterov: bool = False,
         preconditioner: Preconditioner | str = Preconditioner.ROOT,
         first_moment_basis: str = "original",
+        basis_refresh: str = "eigh",
         grafting: GraftingType | str | None = None,
         grafting_beta2: float | None = None,
         block_size: int = 1024,
@@ -272,7 +281,7 @@ class Shampoo(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             momentum=momentum, nesterov=nesterov, preconditioner=preconditioner,
-            first_moment_basis=first_moment_basis, grafting=grafting,
+            first_moment_basis=first_moment_basis, basis_refresh=basis_refresh, grafting=grafting,
             grafting_beta2=grafting_beta2,
             block_size=block_size, max_preconditioner_dim=max_preconditioner_dim, merge_dims_bound=merge_dims_bound,
             precondition_axes=precondition_axes,
@@ -423,6 +432,8 @@ class Shampoo(torch.optim.Optimizer):
         g["preconditioner"] = _enum_value(Preconditioner, "preconditioner", g.get("preconditioner", "root"))
         fmb = g.get("first_moment_basis", "original")
         _require(fmb in ("original", "rotated"), "first_moment_basis", fmb, "'original' or 'rotated'")
+        br = g.get("basis_refresh", "eigh")
+        _require(br in ("eigh", "qr"), "basis_refresh", br, "'eigh' or 'qr'")
         if g["grafting"] is None:  # the preconditioner's default
             g["grafting"] = GraftingType.NONE.value if _corrected(g) else GraftingType.ADAM.value
         g["grafting"] = _enum_value(GraftingType, "grafting", g["grafting"])
@@ -482,6 +493,11 @@ class Shampoo(torch.optim.Optimizer):
             group["max_root_residual"], group["root_retries"], newton_max_iters=100,
             newton_tol=1e-12 if group["root_dtype"] == torch.float64 else 1e-6, eigenbasis=_corrected(group),
         )  # fmt: skip
+
+    @staticmethod
+    def _qr_refresh(group: dict[str, Any], state: dict[str, Any], block: int, axis: int) -> bool:
+        """Whether this basis is refreshed by one QR power step from the installed one."""
+        return _corrected(group) and group["basis_refresh"] == "qr" and basis_key(block, axis) in state
 
     @staticmethod
     def _eigen_p(group: dict[str, Any]) -> int:
@@ -864,11 +880,17 @@ class Shampoo(torch.optim.Optimizer):
         if step < start or (step - start) % every:
             return []
         state, plan, opts = self.state[p], self._work_plan(p, group), self._root_options(group)
-        return [
-            RootJob((index, b, a), step, state[stat_key(b, a)], block.exponent(group["exponent_override"]), opts)
-            for b, block in enumerate(plan.blocks, plan.first)
-            for a in block.axes
-        ]
+        qr = replace(opts, qr_refresh=True)
+        jobs = []
+        for b, block in enumerate(plan.blocks, plan.first):
+            for a in block.axes:
+                stat, exponent = state[stat_key(b, a)], block.exponent(group["exponent_override"])
+                if self._qr_refresh(group, state, b, a):  # L·Q_prev (columns reversed), here; the job: its QR
+                    lq = stat @ state[basis_key(b, a)].to(stat.dtype).flip(-1)
+                    jobs.append(RootJob((index, b, a), step, lq, exponent, qr))
+                else:
+                    jobs.append(RootJob((index, b, a), step, stat, exponent, opts))
+        return jobs
 
     def _install_roots(self, outcomes: list[RootOutcome]) -> None:
         """Install each accepted root (into its stack) and record every attempt's :class:`RootInfo`."""
