@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_distributed import finish, init, rank_state
+from test_sharded_checkpoint import set_grads  # the same gradients on every rank
 from torch import nn
 
 from scalable_shampoo import Shampoo
@@ -77,11 +78,6 @@ def build():
 
 def make(model, **kw):
     return Shampoo(model.parameters(), scheduler=InlineRoots(delay=2), **{**FAST, **kw})
-
-
-def set_grads(model, step):
-    for i, p in enumerate(model.parameters()):  # the same on every rank, as after DDP's all-reduce
-        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
 
 
 def reference(steps):
