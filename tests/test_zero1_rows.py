@@ -80,9 +80,9 @@ def make(model, **kw):
     return Shampoo(model.parameters(), scheduler=InlineRoots(delay=2), **{**FAST, **kw})
 
 
-def reference(steps):
+def reference(steps, **kw):
     model = build()
-    opt = make(model, process_group=None)
+    opt = make(model, process_group=None, **kw)
     for step in range(steps):
         set_grads(model, step)
         opt.step()
@@ -93,9 +93,10 @@ def state_bytes(opt):
     return sum(v for k, v in opt.memory().items() if k not in ("parameters", "scratch"))
 
 
-def run(rank, world, out_dir, ckpt_in=None, ckpt_out=None, save_at=None):
+def run(rank, world, out_dir, ckpt_in=None, ckpt_out=None, save_at=None, kw=None):
+    kw = kw or {}
     model = build()
-    opt = make(model)
+    opt = make(model, **kw)
     start = 0
     if ckpt_in is not None:
         load_checkpoint(ckpt_in, model, opt)
@@ -105,7 +106,7 @@ def run(rank, world, out_dir, ckpt_in=None, ckpt_out=None, save_at=None):
         opt.step()
         if step + 1 == save_at:
             save_checkpoint(ckpt_out, model, opt)
-    ref_model, ref = reference(STEPS)
+    ref_model, ref = reference(STEPS, **kw)
     layout = opt.rows()
     for i, pieces in enumerate(layout):
         p = list(model.parameters())[i]
@@ -136,16 +137,17 @@ def run(rank, world, out_dir, ckpt_in=None, ckpt_out=None, save_at=None):
     return result
 
 
-def worker(rank, world, init_file, out_dir, ckpt_in, ckpt_out, save_at):
+def worker(rank, world, init_file, out_dir, ckpt_in, ckpt_out, save_at, kw):
     init(rank, world, init_file)
-    torch.save(run(rank, world, out_dir, ckpt_in, ckpt_out, save_at), os.path.join(out_dir, f"{rank}.pt"))
+    torch.save(run(rank, world, out_dir, ckpt_in, ckpt_out, save_at, kw), os.path.join(out_dir, f"{rank}.pt"))
     finish()
 
 
-def spawn(tmp_path, name, world, ckpt_in=None, ckpt_out=None, save_at=None):
+def spawn(tmp_path, name, world, ckpt_in=None, ckpt_out=None, save_at=None, kw=None):
+    """Run ``run`` on ``world`` spawned ranks; ``kw``: more Shampoo settings, for every rank and the reference."""
     out = tmp_path / name
     out.mkdir()
-    mp.spawn(worker, args=(world, str(out / "init"), str(out), ckpt_in, ckpt_out, save_at), nprocs=world)
+    mp.spawn(worker, args=(world, str(out / "init"), str(out), ckpt_in, ckpt_out, save_at, kw), nprocs=world)
     return [torch.load(out / f"{r}.pt", weights_only=False) for r in range(world)], out
 
 

@@ -45,6 +45,7 @@ also gathers G, V and a rotated M: up to 6 chunks). Every row's math is unchange
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -54,16 +55,18 @@ from torch import Tensor
 from .blocks import BlockPlan
 from .eigen import corrected_direction
 from .grafting import grafted_direction, rescale_
-from .kronecker import accumulate_statistics_
-from .state import basis_key, root_key, stat_key
+from .kronecker import accumulate_statistics_, pack_root_, unpack_root
+from .state import basis_key, diag_key, packed_key, root_key, stat_key
 
-__all__ = ["CHUNK_ELEMENTS", "Bucket", "Buckets", "Corrected", "Entry", "Scratch", "Spec"]
+__all__ = ["CHUNK_ELEMENTS", "PACKED_CHUNK_ELEMENTS", "Bucket", "Buckets", "Corrected", "Entry", "Scratch", "Spec"]
 
 # A bucket is gathered, preconditioned and scattered in chunks of rows of at most this
 # many elements (16 MiB in fp32), or one unit where a unit is larger (see ``Bucket._plan_chunks``).
 # Smaller chunks (2^18, 2^20) made the step slower at 2 threads (more, smaller batched matmuls,
 # each a parallel region); at 2^22 it was as fast as one chunk per bucket.
 CHUNK_ELEMENTS = 1 << 22
+# With ``packed_storage`` (memory first), chunks of at most this many elements (1 MiB in fp32).
+PACKED_CHUNK_ELEMENTS = 1 << 18
 
 
 class Spec(NamedTuple):
@@ -76,6 +79,7 @@ class Spec(NamedTuple):
     rescale: bool  # P ← P·‖D‖/‖P‖ (every grafting type but ``none``)
     eigen_p: int = 0  # eigenvalue-corrected with V^(1/p) (``eigen.py``); 0: the root preconditioner
     rotated_m: bool = False  # eigenvalue-corrected with ``first_moment_basis="rotated"``
+    packed: bool = False  # ``packed_storage``: H and its root in one matrix (``kronecker.pack_root_``)
 
 
 class Entry(NamedTuple):
@@ -161,7 +165,11 @@ class Bucket:
     def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], spec: Spec) -> None:
         self.shape, self.axes, self.spec = shape, axes, spec
         self.dtype, self.device = spec.dtype, spec.device
-        self.slot = basis_key if spec.eigen_p else root_key  # the state key of what ``roots`` holds
+        # the state keys of what ``stats`` and ``roots`` hold; packed: H with the root's strict upper
+        # triangle, and the root's diagonal ([B, n])
+        self.stat_slot = packed_key if spec.packed else stat_key
+        self.slot = diag_key if spec.packed else basis_key if spec.eigen_p else root_key
+        self.upper: dict[int, Tensor] = {}  # packed: per axis, the [n, n] mask of the strict upper triangle
         self.members: list[Member] = []
         self.rows = 0
         self.chunks: list[Chunk] = []
@@ -179,14 +187,17 @@ class Bucket:
         for a in self.axes:
             n = self.shape[a]
             self.stats[a] = torch.zeros(self.rows, n, n, dtype=self.dtype, device=self.device)
-            self.roots[a] = torch.zeros(self.rows, n, n, dtype=self.spec.root_dtype, device=self.device)
+            root_shape = (self.rows, n) if self.spec.packed else (self.rows, n, n)
+            self.roots[a] = torch.zeros(root_shape, dtype=self.spec.root_dtype, device=self.device)
+            if self.spec.packed:
+                self.upper[a] = torch.ones(n, n, dtype=torch.bool, device=self.device).triu_(1)
             for m in self.members:
                 st = state[m.p]
                 for row, b in enumerate(m.blocks, m.lo):
                     b += m.plan.first  # the parameter's block index (its state key)
-                    if (s := st.get(stat_key(b, a))) is not None:
+                    if (s := st.get(self.stat_slot(b, a))) is not None:
                         self.stats[a][row].copy_(s)
-                    st[stat_key(b, a)] = self.stats[a][row]
+                    st[self.stat_slot(b, a)] = self.stats[a][row]
                     if (r := st.get(self.slot(b, a))) is not None:
                         self.roots[a][row].copy_(r)
                         st[self.slot(b, a)] = self.roots[a][row]
@@ -197,7 +208,8 @@ class Bucket:
     def _plan_chunks(self) -> None:
         """Cut the rows into chunks of at most CHUNK_ELEMENTS elements, never inside a unit
         (a unit larger than that is a chunk of its own)."""
-        limit = max(1, CHUNK_ELEMENTS // math.prod(self.shape))  # rows
+        most = PACKED_CHUNK_ELEMENTS if self.spec.packed else CHUNK_ELEMENTS
+        limit = max(1, most // math.prod(self.shape))  # rows
         self.chunks = []
         pieces: list[tuple[Member, int, int]] = []
         lo = rows = 0
@@ -228,15 +240,16 @@ class Bucket:
             st = state.get(m.p, {})
             for b in m.blocks:
                 for a in self.axes:
-                    for key in (stat_key(b + m.plan.first, a), self.slot(b + m.plan.first, a)):
+                    for key in (self.stat_slot(b + m.plan.first, a), self.slot(b + m.plan.first, a)):
                         t = st.get(key)
                         if t is not None and any(t._base is s for s in stacks):
                             st[key] = t.clone()
 
     def install(self, row: int, axis: int, root: Tensor) -> Tensor:
-        """Copy ``root`` into the stack; returns the view that the state entry holds."""
+        """Copy ``root`` into the stack (packed: its strict upper triangle into the statistic's
+        matrix, its diagonal into ``roots``); returns the view that the state entry holds."""
         view = self.roots[axis][row]
-        view.copy_(root)
+        view.copy_(pack_root_(self.stats[axis][row], root) if self.spec.packed else root)
         if axis not in self.installed[row]:
             self.installed[row].add(axis)
             self.ready += len(self.installed[row]) == len(self.axes)
@@ -286,13 +299,20 @@ class Bucket:
     def _buf(self, scratch: Scratch, name: str, chunk: Chunk) -> Tensor:
         return scratch.get(name, (chunk.hi - chunk.lo, *self.shape), self.dtype, self.device)
 
+    def _mat(self, scratch: Scratch, chunk: Chunk, axis: int) -> Tensor:
+        """Packed storage: a ``[rows, n, n]`` scratch stack of the chunk for axis ``axis`` (G·Gᵀ, or
+        an unpacked root), one buffer for every axis: each use ends before the next begins."""
+        n = self.shape[axis]
+        return scratch.get("mat", (chunk.hi - chunk.lo, n, n), self.dtype, self.device)
+
     def update_statistics(self, grads: list[Tensor], scratch: Scratch) -> None:
         """H_a ← β₂·H_a + w·G₍ₐ₎G₍ₐ₎ᵀ for every block, chunk by chunk."""
         ts = self._contiguous(grads)
         for c in self.chunks:
             g = self.gather(c, ts, self._buf(scratch, "x", c))
             for a in self.axes:
-                accumulate_statistics_(self.stats[a][c.lo : c.hi], g, a, self.spec.beta2)
+                work = self._mat(scratch, c, a) if self.spec.packed else None
+                accumulate_statistics_(self.stats[a][c.lo : c.hi], g, a, self.spec.beta2, work)
 
     def precondition(self, xs: list[Tensor], ds: list[Tensor], outs: list[Tensor], scratch: Scratch) -> None:
         """Write P into ``outs`` for the blocks with roots, chunk by chunk (the others keep D)."""
@@ -322,7 +342,11 @@ class Bucket:
         read (with rescaling); ``x`` is overwritten and receives P of a matrix block
         (R₀·Ĝ goes to the ``mid`` buffer first)."""
         work = (self._buf(scratch, "mid", chunk), x)
-        roots = {a: r[chunk.lo : chunk.hi].to(x.dtype) for a, r in self.roots.items()}  # views unless bf16
+        roots: Mapping[int, Tensor]
+        if self.spec.packed:
+            roots = Unpacked(self, chunk, scratch)
+        else:
+            roots = {a: r[chunk.lo : chunk.hi].to(x.dtype) for a, r in self.roots.items()}  # views unless bf16
         return grafted_direction(x, d, roots, self.spec.rescale, work)
 
     def correct(
@@ -379,6 +403,29 @@ class Bucket:
         return torch.tensor(rows, dtype=self.dtype, device=self.device).view(-1, *(1,) * len(self.shape))
 
 
+class Unpacked(Mapping[int, Tensor]):
+    """A packed chunk's roots per axis, each unpacked into the bucket's one ``mat`` scratch stack
+    when it is read, so reading one overwrites the one read before. The contraction
+    (``kronecker.stacked_precondition``) reads them one at a time, each when its product is
+    next: the first root's product is done before the second root is read."""
+
+    def __init__(self, bucket: Bucket, chunk: Chunk, scratch: Scratch) -> None:
+        self.bucket, self.chunk, self.scratch = bucket, chunk, scratch
+
+    def __getitem__(self, axis: int) -> Tensor:
+        b, c = self.bucket, self.chunk
+        if axis not in b.axes:
+            raise KeyError(axis)
+        out = b._mat(self.scratch, c, axis)
+        return unpack_root(b.stats[axis][c.lo : c.hi], b.roots[axis][c.lo : c.hi], b.upper[axis], out)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.bucket.axes)
+
+    def __len__(self) -> int:
+        return len(self.bucket.axes)
+
+
 class Buckets:
     """All buckets of an optimizer, rebuilt only when what they were built from changes."""
 
@@ -400,8 +447,10 @@ class Buckets:
         """(kind, tensor) of every bucket's stacks and mask, for the memory report: a roots
         stack is allocated whole when the bucket is built, before any root is installed."""
         masks = [("other", b._mask) for b in self.buckets if b._mask is not None]
+        masks += [("other", u) for b in self.buckets for u in b.upper.values()]
         return [(kind, t) for b in self.buckets
-                for kind, d in (("statistics", b.stats), ("basis" if b.spec.eigen_p else "roots", b.roots))
+                for kind, d in (("packed" if b.spec.packed else "statistics", b.stats),
+                                ("basis" if b.spec.eigen_p else "roots", b.roots))
                 for t in d.values()] + masks  # fmt: skip
 
     def bind(self, state: Any, entries: list[Entry], batched: bool) -> None:

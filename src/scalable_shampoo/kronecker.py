@@ -21,11 +21,14 @@ from torch import Tensor
 __all__ = [
     "accumulate_statistics_",
     "axis_statistic",
+    "pack_root_",
+    "packed_statistic",
     "precondition",
     "stacked_precondition",
     "stacked_rotate",
     "stacked_unfolding",
     "statistic_weight",
+    "unpack_root",
 ]
 
 
@@ -34,10 +37,45 @@ def statistic_weight(beta2: float) -> float:
     return 1.0 if beta2 == 1 else 1.0 - beta2
 
 
-def accumulate_statistics_(stats: Tensor, g: Tensor, axis: int, beta2: float) -> Tensor:
-    """H ← β₂·H + w·G₍ᵢ₎G₍ᵢ₎ᵀ in place, for a stack ``[B, n, n]`` and blocks ``[B, *block]``."""
+def accumulate_statistics_(stats: Tensor, g: Tensor, axis: int, beta2: float, work: Tensor | None = None) -> Tensor:
+    """H ← β₂·H + w·G₍ᵢ₎G₍ᵢ₎ᵀ in place, for a stack ``[B, n, n]`` and blocks ``[B, *block]``.
+
+    With ``work`` (a scratch stack shaped like ``stats``), ``stats`` is packed (:func:`pack_root_`):
+    only its lower triangle, H's with the diagonal, is updated, as ``H + w·(GGᵀ − H)`` (the same
+    for w = 1 − β₂; ``H + GGᵀ`` for a sum), and the strict upper triangle is left as it is."""
     u = stacked_unfolding(g, axis)
-    return stats.baddbmm_(u, u.mT, beta=beta2, alpha=statistic_weight(beta2))
+    w = statistic_weight(beta2)
+    if work is None:
+        return stats.baddbmm_(u, u.mT, beta=beta2, alpha=w)
+    s = torch.bmm(u, u.mT, out=work)
+    if beta2 != 1:
+        s.sub_(stats)
+    return stats.add_(s.tril_(), alpha=w)
+
+
+# Packed storage (``Shampoo(packed_storage=True)``): a statistic H and its inverse root R are
+# symmetric, so one n×n matrix holds H's lower triangle (with the diagonal) and R's strict upper
+# triangle, and R's diagonal is kept apart (n numbers): n² + n numbers instead of 2n².
+
+
+def pack_root_(packed: Tensor, root: Tensor) -> Tensor:
+    """Write ``root``'s strict upper triangle into ``packed`` (its lower triangle, H's, is kept);
+    returns ``root``'s diagonal (a copy). Stacks ``[B, n, n]`` or one matrix."""
+    packed.tril_().add_(root.triu(1))
+    return root.diagonal(dim1=-2, dim2=-1).clone()
+
+
+def unpack_root(packed: Tensor, diag: Tensor, upper: Tensor, out: Tensor) -> Tensor:
+    """The full root R of ``packed`` and its diagonal ``diag``, into ``out``; ``upper`` is the
+    ``[n, n]`` bool mask of the strict upper triangle."""
+    torch.where(upper, packed, packed.mT, out=out)
+    out.diagonal(dim1=-2, dim2=-1).copy_(diag)
+    return out
+
+
+def packed_statistic(packed: Tensor) -> Tensor:
+    """The full statistic H of ``packed`` (a new tensor): its lower triangle, mirrored."""
+    return packed.tril() + packed.tril(-1).mT
 
 
 def axis_statistic(g: Tensor, axis: int) -> Tensor:

@@ -57,8 +57,21 @@ from .distributed import (
 from .functional import compiled, first_moment_, graft_stage_, heavy_ball_, weight_update_
 from .grafting import GraftingType, bias_correction, graft_directions
 from .groups import PlanTable, plan_table
+from .kronecker import pack_root_, packed_statistic
 from .matrix_roots import RootMethod
-from .state import RootInfo, StateCodec, basis_key, diagnostics, info_key, memory, method_key, root_key, stat_key
+from .state import (
+    RootInfo,
+    StateCodec,
+    basis_key,
+    diag_key,
+    diagnostics,
+    info_key,
+    memory,
+    method_key,
+    packed_key,
+    root_key,
+    stat_key,
+)  # fmt: skip
 
 __all__ = ["NonFiniteGrad", "Preconditioner", "Shampoo"]
 
@@ -189,6 +202,15 @@ class Shampoo(torch.optim.Optimizer):
             dtype, fp32). ``torch.bfloat16`` halves the roots' memory; each root is cast
             back up for the contraction, so only its storage is rounded (8 bits of
             mantissa). The statistics stay fp32 whatever this is.
+        packed_storage: keep each statistic and its inverse root in one n×n matrix (the
+            statistic's lower triangle with its diagonal, the root's strict upper triangle)
+            plus the root's diagonal: n² + n numbers per factor instead of 2n², so statistics
+            and roots take the memory that the statistics alone take otherwise, and the engine
+            works in chunks of 2¹⁸ elements (scratch of about 4 such chunks). Costs step time:
+            each step unpacks every root and updates the lower triangle alone (see the
+            README's memory table). Fp32 roots only (no ``root_storage_dtype``); the root
+            preconditioner only. State keys ``packed.*`` and ``root_diag.*`` instead of
+            ``stat.*`` and ``root.*``; a checkpoint loads only into the same setting.
         max_root_residual: a root whose residual (``max|X^p·A·V − V|`` on probe vectors V)
             is above this goes down the fallback chain (eigh, fp64, then ε×10 up to
             ``root_retries`` times) and is then rejected (the previous root stays). In fp32 at
@@ -268,6 +290,7 @@ class Shampoo(torch.optim.Optimizer):
         root_method: RootMethod | str = RootMethod.AUTO,
         root_dtype: torch.dtype = torch.float32,
         root_storage_dtype: torch.dtype | None = None,
+        packed_storage: bool = False,
         max_root_residual: float = 0.5,
         root_retries: int = 3,
         nonfinite_grad: NonFiniteGrad | str = NonFiniteGrad.SKIP,
@@ -288,7 +311,8 @@ class Shampoo(torch.optim.Optimizer):
             precondition_1d=precondition_1d, exponent_override=exponent_override,
             precondition_frequency=precondition_frequency, start_preconditioning_step=start_preconditioning_step,
             matrix_eps=matrix_eps, matrix_eps_relative=matrix_eps_relative, root_method=root_method,
-            root_dtype=root_dtype, root_storage_dtype=root_storage_dtype, max_root_residual=max_root_residual,
+            root_dtype=root_dtype, root_storage_dtype=root_storage_dtype, packed_storage=packed_storage,
+            max_root_residual=max_root_residual,
             root_retries=root_retries,
         )  # fmt: skip
         # every argument is checked before ``params`` is read, so the error names the bad argument
@@ -469,6 +493,14 @@ class Shampoo(torch.optim.Optimizer):
         rs = g["root_storage_dtype"]
         floating = isinstance(rs, torch.dtype) and rs.is_floating_point and not rs.is_complex
         _require(rs is None or floating, "root_storage_dtype", rs, "None or a floating-point torch.dtype")
+        ps = g.setdefault("packed_storage", False)
+        _require(isinstance(ps, bool), "packed_storage", ps, "True or False")
+        if ps and (rs is not None or g["preconditioner"] != "root"):
+            clash = f"root_storage_dtype={rs}" if rs is not None else f"preconditioner={g['preconditioner']!r}"
+            raise ValueError(
+                f"packed_storage=True does not go with {clash}: packed storage keeps fp32 inverse roots "
+                "of the root preconditioner (set root_storage_dtype=None and preconditioner='root')"
+            )
         mr = g["max_root_residual"]
         _require(_is_number(mr) and mr > 0, "max_root_residual", mr, "> 0")
         rr = g["root_retries"]
@@ -871,7 +903,8 @@ class Shampoo(torch.optim.Optimizer):
         return [
             Entry(p, self._work_plan(p, group), Spec(g.dtype, g.device, group["root_storage_dtype"] or g.dtype,
                                                      group["betas"][1], _grafting(group) is not GraftingType.NONE,
-                                                     self._eigen_p(group), _rotated_first_moment(group)))
+                                                     self._eigen_p(group), _rotated_first_moment(group),
+                                                     group["packed_storage"]))
             for (_, group, p, _), g in zip(params, grads)
         ]  # fmt: skip
 
@@ -884,7 +917,8 @@ class Shampoo(torch.optim.Optimizer):
         jobs = []
         for b, block in enumerate(plan.blocks, plan.first):
             for a in block.axes:
-                stat, exponent = state[stat_key(b, a)], block.exponent(group["exponent_override"])
+                exponent = block.exponent(group["exponent_override"])
+                stat = packed_statistic(state[packed_key(b, a)]) if group["packed_storage"] else state[stat_key(b, a)]
                 if self._qr_refresh(group, state, b, a):  # L·Q_prev (columns reversed), here; the job: its QR
                     lq = stat @ state[basis_key(b, a)].to(stat.dtype).flip(-1)
                     jobs.append(RootJob((index, b, a), step, lq, exponent, qr))
@@ -906,8 +940,11 @@ class Shampoo(torch.optim.Optimizer):
             if out.ok:  # into the bucket's stack, or its own storage if the block is not stacked now
                 view = self._buckets.install_root(p, b, a, out.root)
                 storage = group["root_storage_dtype"] or out.root.dtype
-                slot = basis_key if _corrected(group) else root_key
-                state[slot(b, a)] = view if view is not None else out.root.to(storage, copy=True)
+                if group["packed_storage"]:  # the root's diagonal; its strict upper triangle is in packed.*
+                    state[diag_key(b, a)] = view if view is not None else pack_root_(state[packed_key(b, a)], out.root)
+                else:
+                    slot = basis_key if _corrected(group) else root_key
+                    state[slot(b, a)] = view if view is not None else out.root.to(storage, copy=True)
                 state[method_key(b, a)] = out.method
                 installed = out.step
             elif out.lambda_max != 0:  # the previous root, if any, stays in use

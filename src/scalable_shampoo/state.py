@@ -82,11 +82,14 @@ __all__ = [
     "basis_key",
     "check_format",
     "check_groups",
+    "diag_key",
     "diagnostics",
     "info_key",
     "method_key",
+    "packed_key",
     "root_key",
     "stat_key",
+    "stat_slot",
 ]
 
 # Every checkpoint format this library reads, and what a checkpoint in it lacks compared
@@ -115,6 +118,19 @@ def basis_key(block: int, axis: int) -> str:  # its installed eigenbasis (eigenv
     return f"basis.{block}.{axis}"
 
 
+def packed_key(block: int, axis: int) -> str:  # ``packed_storage``: H_a and its root's strict upper triangle
+    return f"packed.{block}.{axis}"
+
+
+def diag_key(block: int, axis: int) -> str:  # ``packed_storage``: the installed root's diagonal
+    return f"root_diag.{block}.{axis}"
+
+
+def stat_slot(group: dict[str, Any]) -> Any:
+    """The key function of the entries that hold a block's statistic under ``group``'s layout."""
+    return packed_key if group.get("packed_storage") else stat_key
+
+
 def info_key(block: int, axis: int) -> str:  # its RootInfo, as a float64 CPU tensor
     return f"root_info.{block}.{axis}"
 
@@ -126,7 +142,10 @@ def method_key(block: int, axis: int) -> str:  # the fallback stage of its insta
 def block_of(key: str) -> int | None:
     """The block of a per-block state key (above), else None."""
     head, _, rest = key.partition(".")
-    return int(rest.split(".")[0]) if head in ("stat", "root", "basis", "root_info", "root_method") else None
+    return int(rest.split(".")[0]) if head in _BLOCK_HEADS else None
+
+
+_BLOCK_HEADS = ("stat", "root", "basis", "packed", "root_diag", "root_info", "root_method")
 
 
 # The elementwise buffers, shaped like the parameter (a rank's rows of it where ranks split it)
@@ -233,19 +252,21 @@ class StateCodec:
             plan = opt._shard_plan(p, {**group, "params": [p]})  # fsdp="local": of this rank's shard
             if "fan-in plans" in FORMATS[version] and state:
                 _check_format1_plan(pid, p, group, plan)
+            stat = stat_slot(group)  # the statistic's entries: ``stat.*``, or ``packed.*`` (packed_storage)
             expected = {key(b, a): (blk.shape[a],) * 2 for b, blk in enumerate(plan.blocks) for a in blk.axes
-                        for key in (stat_key, basis_key)}  # fmt: skip
+                        for key in (stat, basis_key)}  # fmt: skip
             shape = tuple(p.to_local().shape if opt._is_local(p) else p.shape)
             needed = set(expected)
             mine = [(lo, hi) for r, lo, hi in layout[index] if r == rank]
             if len(layout[index]) > 1 and mine:  # ranks split it by rows: this rank's rows may come alone
                 (lo, hi), whole = mine[0], shape
                 sub = rows_plan(plan, lo, hi)
-                needed = {stat_key(b, a) for b, blk in enumerate(sub.blocks, sub.first) for a in blk.axes}
+                needed = {stat(b, a) for b, blk in enumerate(sub.blocks, sub.first) for a in blk.axes}
                 if any(torch.is_tensor(v) and tuple(v.shape) != whole for k, v in state.items() if k in ELEMENTWISE):
                     shape = (hi - lo, *plan.merged[1:])
             expected |= {k: shape for k in ELEMENTWISE}
-            missing = [k for k in expected if k in needed and k.startswith("stat.") and k not in state]
+            head = stat(0, 0).split(".")[0] + "."
+            missing = [k for k in expected if k in needed and k.startswith(head) and k not in state]
             if state and ("step" not in state or missing):
                 raise ValueError(
                     f"state_dict is missing {'step' if 'step' not in state else missing[0]!r} "
@@ -253,8 +274,8 @@ class StateCodec:
                 )
             dtype = opt._state_dtype(p)
             # the elementwise buffers first: their shape is the parameter's shape in the checkpoint
-            for k, v in sorted(state.items(), key=lambda kv: kv[0].startswith("stat.")):
-                if torch.is_tensor(v) and (k in expected or k.startswith("stat.")):
+            for k, v in sorted(state.items(), key=lambda kv: kv[0].startswith(head)):
+                if torch.is_tensor(v) and (k in expected or k.startswith(head)):
                     if tuple(v.shape) != expected.get(k):
                         raise ValueError(
                             f"state_dict does not fit parameter {pid} of shape {tuple(p.shape)}: "
@@ -402,6 +423,13 @@ def check_groups(opt: Shampoo, saved_groups: Any, shapes: list[tuple[int, ...]] 
                     "optimizer with the checkpoint's; nothing was loaded"
                 )
             index += 1
+        if g["params"] and bool(s.get("packed_storage")) != bool(g.get("packed_storage")):
+            raise ValueError(
+                f"state_dict was saved with other settings: param group {gi} has packed_storage="
+                f"{s.get('packed_storage')!r} in the checkpoint, {g.get('packed_storage')!r} here. This setting "
+                "decides how statistics and roots are stored: build the optimizer with the checkpoint's; "
+                "nothing was loaded"
+            )
         if g["params"]:
             kept = _buffers(g)
             for key, (name, was, had) in _buffers(s).items():
@@ -489,7 +517,7 @@ def diagnostics(opt: Shampoo) -> dict[str, Any]:
                     installed = int(info.installed_step) if info.installed_step >= 0 else None
                     rows.append(dict(
                         param=index, block=b, axis=a, dim=block.shape[a], step=step,
-                        has_root=root_key(b, a) in state or basis_key(b, a) in state, root_step=installed,
+                        has_root=any(k(b, a) in state for k in (root_key, basis_key, diag_key)), root_step=installed,
                         staleness=None if installed is None else step - installed,
                         last_attempt_step=int(info.last_attempt_step) if attempted else None,
                         residual=info.residual if attempted and info.residual >= 0 else None,
@@ -499,8 +527,9 @@ def diagnostics(opt: Shampoo) -> dict[str, Any]:
     return {"global_step": opt.global_step, "skipped_steps": opt.skipped_steps, "blocks": rows}
 
 
-_KINDS = {"stat.": "statistics", "root.": "roots", "basis.": "basis", "exp_avg_sq": "second_moment",
-          "exp_avg": "first_moment", "graft_acc": "grafting", "momentum_buffer": "momentum"}  # fmt: skip
+_KINDS = {"stat.": "statistics", "root.": "roots", "basis.": "basis", "packed.": "packed", "root_diag.": "roots",
+          "exp_avg_sq": "second_moment", "exp_avg": "first_moment", "graft_acc": "grafting",
+          "momentum_buffer": "momentum"}  # fmt: skip
 
 
 def memory(opt: Shampoo) -> dict[str, int]:
