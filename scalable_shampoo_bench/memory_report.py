@@ -107,10 +107,12 @@ def _state_bytes(opt: Shampoo, exclude: set[int]) -> int:
     return sum(seen.values())
 
 
-def issue_row_child(model_name: str, block_size: int, steps: int, bf16_roots: bool = False) -> None:
+def issue_row_child(model_name: str, block_size: int, steps: int, storage: str = "fp32") -> None:
     """In a fresh interpreter: one issue row. The model and its fixed batch, one forward/backward,
     the live tensor bytes; then Shampoo (Adam grafting, betas (0.9, 0.999), frequency 10, roots
-    from step 10) for ``steps`` iterations of forward + backward + step, and the bytes again."""
+    from step 10) for ``steps`` iterations of forward + backward + step, and the bytes again.
+    ``storage``: ``fp32`` (the default), ``bf16`` (``root_storage_dtype=torch.bfloat16``) or
+    ``packed`` (``packed_storage=True``)."""
     from torch import nn
 
     from .step_time.models import e2e_loss, e2e_shape, model_dims
@@ -133,7 +135,8 @@ def issue_row_child(model_name: str, block_size: int, steps: int, bf16_roots: bo
     del grads
     opt = Shampoo(model.parameters(), lr=1e-3, betas=(0.9, 0.999), grafting="adam", block_size=block_size,
                   precondition_frequency=10, start_preconditioning_step=10,
-                  root_storage_dtype=torch.bfloat16 if bf16_roots else None)  # fmt: skip
+                  root_storage_dtype=torch.bfloat16 if storage == "bf16" else None,
+                  packed_storage=storage == "packed")  # fmt: skip
     for _ in range(steps):
         opt.zero_grad()
         loss(model).backward()
@@ -147,7 +150,7 @@ def issue_row_child(model_name: str, block_size: int, steps: int, bf16_roots: bo
     param_bytes = mem.pop("parameters")
     diag = opt.diagnostics()["blocks"]
     print(json.dumps(dict(
-        model=model_name, block_size=block_size, root_storage="bf16" if bf16_roots else "fp32", steps=steps,
+        model=model_name, block_size=block_size, root_storage=storage, steps=steps,
         parameter_bytes=param_bytes,
         roots_installed=sum(r["has_root"] for r in diag), statistics_kept=len(diag),
         state_bytes=_state_bytes(opt, params), state_and_scratch_bytes=held, memory=mem,
@@ -208,7 +211,7 @@ def issue_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
           "ours ÷ Meta (state + scratch) | peak RSS (MB), ours |")  # fmt: skip
     print("|---|---|---|---|---|")
     runs = [(name, block, storage, meta) for (name, block), meta in META_MIB.items()
-            for storage in ("fp32", "bf16")]  # the default, and root_storage_dtype=torch.bfloat16  # fmt: skip
+            for storage in ("fp32", "bf16", "packed")]  # the default, bf16 roots, packed_storage  # fmt: skip
     for name, block, storage, meta in runs:
         r = child(["--issue-child", f"{name}:{block}:{storage}", "--issue-steps", str(args.issue_steps)], args.threads)
         r["meta_mib"] = meta
@@ -249,7 +252,7 @@ def main() -> None:
         return compile_child(args.compile_child == "compiled")
     if args.issue_child:
         name, block, storage = args.issue_child.split(":")
-        return issue_row_child(name, int(block), args.issue_steps, storage == "bf16")
+        return issue_row_child(name, int(block), args.issue_steps, storage)
     from scalable_shampoo.background import ROOT_BATCHES
 
     sections = args.sections.split(",")

@@ -38,8 +38,10 @@ def live_storages() -> dict[int, int]:
         (True, dict(root_storage_dtype=torch.bfloat16, momentum=0.9)),
         (True, dict(scheduler=InlineRoots(delay=2))),  # roots held by the scheduler until installed
         (True, dict(preconditioner="eigenvalue_corrected")),  # bases and the second moment V
+        (True, dict(packed_storage=True)),  # statistics and roots in one matrix, the masks, the "mat" scratch
+        (False, dict(packed_storage=True)),
     ],
-    ids=["batched", "plain", "bf16_roots_momentum", "delayed_roots", "eigenvalue_corrected"],
+    ids=["batched", "plain", "bf16_roots_momentum", "delayed_roots", "eigenvalue_corrected", "packed", "packed_plain"],
 )
 def test_memory_equals_the_live_tensor_bytes_the_optimizer_holds(batched, kwargs):
     """The unique storage bytes of every live tensor, after the steps minus before the optimizer

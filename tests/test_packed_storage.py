@@ -159,3 +159,21 @@ def test_packed_storage_split_across_two_ranks_equals_one_process_bitwise(tmp_pa
     assert len(results[0]["layout"][0]) == 2
     for r in results:
         assert all(torch.equal(a, b) for a, b in zip(r["params"], r["ref"]))
+
+
+def test_packed_background_roots_bitwise_equal_inline_with_the_same_delay():
+    """Deterministic background threads hand roots of packed statistics back late; installed at
+    the same step as inline's with the same delay, the run is bit for bit inline's."""
+    from scalable_shampoo import BackgroundRoots, InlineRoots
+
+    def fit(scheduler):
+        params = make_params(SHAPES, torch.float32)
+        opt = Shampoo(params, packed_storage=True, scheduler=scheduler, **FAST)
+        step_on_random_grads(params, opt, 12)
+        opt.close()
+        return params, opt
+
+    ref, ref_opt = fit(InlineRoots(delay=1))
+    got, opt = fit(BackgroundRoots("deterministic", delay=1, workers="thread", num_workers=2))
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert any(k.startswith("root_diag.") for st in opt.state.values() for k in st)

@@ -1,5 +1,6 @@
 """Two Shampoo variants against each other, the step alone: batched against the plain per-block loop
-(``--batched-compare``), or ``compile_elementwise`` against eager (the ``compile`` section)."""
+(``--batched-compare``), ``compile_elementwise`` against eager (the ``compile`` section), or
+``packed_storage`` against the default layout (the ``packed`` section)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .timing import is_root_step, ms, ratio_dict, summarize, timed_pair
 PAIRS: dict[str, tuple[tuple[str, dict[str, Any]], tuple[str, dict[str, Any]]]] = {
     "batched": (("batched", {"batched": True}), ("plain", {"batched": False})),
     "compile": (("compiled", {"compile_elementwise": True}), ("eager", {"compile_elementwise": False})),
+    "packed": (("packed", {"packed_storage": True}), ("full", {"packed_storage": False})),
 }
 
 

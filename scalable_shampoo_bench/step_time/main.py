@@ -22,7 +22,7 @@ from .report import report
 from .roots import bench_roots
 from .steps import bench_end_to_end, bench_step_time
 
-SECTIONS = ("steps", "e2e", "roots", "flops", "batched", "compile")
+SECTIONS = ("steps", "e2e", "roots", "flops", "batched", "compile", "packed")
 
 
 def _ints(text: str) -> list[int]:
@@ -77,8 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gemm-sizes", type=_ints, default=None, help="GEMM sizes (default 256,512,1024)")
     p.add_argument(
         "--sections", type=_names, default=["steps", "e2e", "roots", "flops"],
-        help="what to run: steps, e2e, roots, flops, batched, compile (default: the first four; "
-        "--batched-compare adds batched; compile times compile_elementwise=True against eager)",
+        help="what to run: steps, e2e, roots, flops, batched, compile, packed (default: the first four; "
+        "--batched-compare adds batched; compile times compile_elementwise=True against eager; packed times "
+        "packed_storage=True against the default layout)",
     )  # fmt: skip
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of non-root Shampoo steps")
     p.add_argument("--profile-steps", type=int, default=5)
@@ -158,7 +159,7 @@ def run_sections(args: argparse.Namespace, device: torch.device, res: dict[str, 
                     for f in args.frequencies:
                         res[key].append(bench(m, bs, f, args, device))
                         save()
-    for pair in ("batched", "compile"):  # two Shampoo variants against each other
+    for pair in ("batched", "compile", "packed"):  # two Shampoo variants against each other
         if pair in sections:
             res[pair] = []
             for m in args.models:

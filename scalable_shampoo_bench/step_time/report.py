@@ -85,6 +85,20 @@ def report(res: dict[str, Any]) -> str:
             f"≥ {res['batched_summary']['goal_plain_over_batched']}x: "
             f"{'met' if res['batched_summary']['goal_met'] else 'not met'})"
         )
+    if res.get("packed"):
+        parts += ["", "Shampoo step alone, packed_storage=True against the default layout; no root recomputation "
+                  "in the window (ms; x = packed/full: > 1 when packed is slower)"]  # fmt: skip
+        rows = [
+            [
+                r["model"], r["block_size"], r["blocks"], r["packed"]["median_ms"], r["full"]["median_ms"],
+                round(r["packed"]["median_ms"] / r["full"]["median_ms"], 3),
+                round(r["packed"]["mean_ms"] / r["full"]["mean_ms"], 3),
+                f"{r['max_abs_param_diff']:.1e}", _load_str(r["load"]),
+            ]
+            for r in res["packed"]
+        ]  # fmt: skip
+        headers = ["model", "block", "blocks", "packed med", "full med", "x med", "x mean", "param diff", "others"]
+        parts.append(_table(headers, rows))
     if res.get("roots"):
         parts += ["", f"One inverse {ROOT_P}th root, fp32 (median ms; eigh/newton via inverse_root, *_raw bare)"]
         rows = [

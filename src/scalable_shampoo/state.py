@@ -17,6 +17,12 @@ key                         what
 ``basis.{b}.{a}``           eigenvalue-corrected preconditioner only, instead of
                             ``root.*``: the installed eigenvectors Q of the statistic
                             (columns, eigenvalues ascending), in ``root_storage_dtype``
+``packed.{b}.{a}``          ``packed_storage=True`` only, instead of ``stat.*`` and ``root.*``:
+                            one n×n matrix, H_a in its lower triangle (with the diagonal) and
+                            the installed root's strict upper triangle above it (zeros until
+                            the first root); see ``kronecker.pack_root_``
+``root_diag.{b}.{a}``       ``packed_storage=True`` only: the installed root's diagonal (n
+                            numbers; absent until the first root)
 ``exp_avg_sq``              eigenvalue-corrected only: the second moment V, shaped like
                             the parameter; a block's entries are in its current basis
                             (the original one until the block has a basis on every axis)
@@ -29,7 +35,8 @@ key                         what
 With ``Shampoo(batched=True)`` (the default) the ``stat.*`` and ``root.*`` tensors
 are views of per-bucket stacks ``[B, n, n]`` (``buckets.py``): ``torch.save`` stores
 each stack once, a loaded tensor gets its own storage, and the optimizer re-stacks
-them at its next step. The layout of a checkpoint does not depend on ``batched``.
+them at its next step (``packed.*`` and ``root_diag.*`` alike). The layout of a
+checkpoint does not depend on ``batched``.
 
 The top-level entry ``"scalable_shampoo"`` holds ``format_version``,
 ``global_step``, ``skipped_steps`` and the scheduler's pending results.
@@ -40,7 +47,7 @@ both rules; any other parameter is refused by name (its statistics can't be conv
 **What must match** (:func:`check_groups`, before anything changes): the param groups'
 sizes, the parameters' shapes and dtypes, and the settings that lay out the state
 (:data:`PLAN_SETTINGS` where they change a parameter's plan; β₁ = 0 or not, grafting
-with or without an accumulator, momentum = 0 or not). Any other setting is taken from
+with or without an accumulator, momentum = 0 or not, ``packed_storage``). Any other setting is taken from
 the checkpoint, as ``torch.optim`` does. A mismatch raises a ``ValueError`` naming
 the parameter or param group, the setting, and the saved and current values.
 
