@@ -311,8 +311,8 @@ class Bucket:
         for c in self.chunks:
             g = self.gather(c, ts, self._buf(scratch, "x", c))
             for a in self.axes:
-                work = self._mat(scratch, c, a) if self.spec.packed else None
-                accumulate_statistics_(self.stats[a][c.lo : c.hi], g, a, self.spec.beta2, work)
+                packed = (self._mat(scratch, c, a), self.upper[a]) if self.spec.packed else None
+                accumulate_statistics_(self.stats[a][c.lo : c.hi], g, a, self.spec.beta2, packed)
 
     def precondition(self, xs: list[Tensor], ds: list[Tensor], outs: list[Tensor], scratch: Scratch) -> None:
         """Write P into ``outs`` for the blocks with roots, chunk by chunk (the others keep D)."""

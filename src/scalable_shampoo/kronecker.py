@@ -37,20 +37,21 @@ def statistic_weight(beta2: float) -> float:
     return 1.0 if beta2 == 1 else 1.0 - beta2
 
 
-def accumulate_statistics_(stats: Tensor, g: Tensor, axis: int, beta2: float, work: Tensor | None = None) -> Tensor:
+def accumulate_statistics_(
+    stats: Tensor, g: Tensor, axis: int, beta2: float, packed: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """H ← β₂·H + w·G₍ᵢ₎G₍ᵢ₎ᵀ in place, for a stack ``[B, n, n]`` and blocks ``[B, *block]``.
 
-    With ``work`` (a scratch stack shaped like ``stats``), ``stats`` is packed (:func:`pack_root_`):
-    only its lower triangle, H's with the diagonal, is updated, as ``H + w·(GGᵀ − H)`` (the same
-    for w = 1 − β₂; ``H + GGᵀ`` for a sum), and the strict upper triangle is left as it is."""
+    ``packed``: ``(work, upper)``, a scratch stack shaped like ``stats`` and the ``[n, n]`` bool
+    mask of the strict upper triangle, for packed storage (:func:`pack_root_`): the update is
+    computed whole into ``work`` and only its lower triangle, H's with the diagonal, is copied
+    back; the strict upper triangle (the root's) is left as it is."""
     u = stacked_unfolding(g, axis)
-    w = statistic_weight(beta2)
-    if work is None:
-        return stats.baddbmm_(u, u.mT, beta=beta2, alpha=w)
-    s = torch.bmm(u, u.mT, out=work)
-    if beta2 != 1:
-        s.sub_(stats)
-    return stats.add_(s.tril_(), alpha=w)
+    if packed is None:
+        return stats.baddbmm_(u, u.mT, beta=beta2, alpha=statistic_weight(beta2))
+    work, upper = packed
+    torch.baddbmm(stats, u, u.mT, beta=beta2, alpha=statistic_weight(beta2), out=work)
+    return torch.where(upper, stats, work, out=stats)
 
 
 # Packed storage (``Shampoo(packed_storage=True)``): a statistic H and its inverse root R are
