@@ -92,10 +92,9 @@ def test_packed_batched_equals_plain_bitwise():
         assert all(torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k] for k in sa)
 
 
-def test_packed_state_round_trips_and_resumes_bitwise_and_refuses_the_other_layout():
+def test_packed_state_round_trips_and_resumes_bitwise():
     """Save after 5 steps through torch.save/torch.load, load into a fresh packed optimizer and
-    go on: bit for bit the uninterrupted run. The same checkpoint in a default-layout optimizer,
-    and a default one in a packed optimizer, are refused by name before anything changes."""
+    go on: bit for bit the uninterrupted run."""
     full, _ = run(True, dtype=torch.float32, steps=9)
     params = make_params(SHAPES, torch.float32)
     opt = Shampoo(params, packed_storage=True, **FAST)
@@ -108,10 +107,6 @@ def test_packed_state_round_trips_and_resumes_bitwise_and_refuses_the_other_layo
     with torch.no_grad():
         for p, q in zip(resumed, ckpt["params"]):
             p.copy_(q)
-    other = Shampoo(resumed, packed_storage=False, **FAST)
-    with pytest.raises(ValueError, match="packed_storage=True in the checkpoint, False here"):
-        other.load_state_dict(ckpt["opt"])
-    assert not other.state
     opt2 = Shampoo(resumed, packed_storage=True, **FAST)
     opt2.load_state_dict(ckpt["opt"])
     g = torch.Generator().manual_seed(1)  # step_on_random_grads' stream, steps 5…8
@@ -122,10 +117,57 @@ def test_packed_state_round_trips_and_resumes_bitwise_and_refuses_the_other_layo
                 p.grad = grad
             opt2.step()
     assert all(torch.equal(x, y) for x, y in zip(resumed, full))
-    default = Shampoo(make_params(SHAPES, torch.float32), **FAST)
-    step_on_random_grads(default.param_groups[0]["params"], default, 3)
-    with pytest.raises(ValueError, match="packed_storage=False in the checkpoint, True here"):
-        Shampoo(make_params(SHAPES, torch.float32), packed_storage=True, **FAST).load_state_dict(default.state_dict())
+
+
+def resume(packed_before, packed_after, steps=9, at=5, **kw):
+    """``steps`` steps, with a state_dict() at step ``at`` loaded into a new optimizer of the other
+    layout (fp64); returns the params, the loaded optimizer, and the saved state_dict."""
+    params = make_params(SHAPES)
+    opt = Shampoo(params, packed_storage=packed_before, **{**FAST, **kw})
+    step_on_random_grads(params, opt, at)
+    sd = opt.state_dict()
+    opt2 = Shampoo(params, packed_storage=packed_after, **{**FAST, **kw})
+    opt2.load_state_dict(sd)
+    g = torch.Generator().manual_seed(1)
+    for t in range(steps):
+        grads = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+        if t >= at:
+            for p, grad in zip(params, grads):
+                p.grad = grad
+            opt2.step()
+    return params, opt2, sd
+
+
+@pytest.mark.parametrize("packed_before", [False, True])
+def test_a_checkpoint_of_one_layout_loads_into_the_other(packed_before):
+    """Either layout's state_dict loads into an optimizer of the other one, which keeps its own
+    setting and key layout, and trains on as the uninterrupted run of either layout does (fp64,
+    1e-10). Converting packed → full → packed gives back the saved tensors exactly."""
+    kw = dict(root_dtype=torch.float64)
+    got, opt, sd = resume(packed_before, not packed_before, **kw)
+    params = make_params(SHAPES)
+    ref_opt = Shampoo(params, packed_storage=packed_before, **{**FAST, **kw})
+    step_on_random_grads(params, ref_opt, 9)
+    for p, q in zip(got, params):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-10)
+    assert opt.param_groups[0]["packed_storage"] is (not packed_before)
+    prefix = "stat." if packed_before else "packed."
+    assert any(k.startswith(prefix) for st in opt.state.values() for k in st)
+    from scalable_shampoo.state import relayout
+
+    for st in sd["state"].values():
+        back = relayout(relayout(st, not packed_before), packed_before)
+        if packed_before:  # packed → full → packed: every tensor as it was
+            assert back.keys() == st.keys()
+            assert all(torch.equal(back[k], v) if torch.is_tensor(v) else back[k] == v for k, v in st.items())
+        else:  # full → packed → full: a statistic as its lower triangle mirrored, a root as its upper one
+            for k, v in st.items():
+                if k.startswith("stat."):
+                    assert torch.equal(back[k], v.tril() + v.tril(-1).mT)
+                elif k.startswith("root."):
+                    assert torch.equal(back[k], v.triu() + v.triu(1).mT)
+                elif torch.is_tensor(v):
+                    assert torch.equal(back[k], v), k
 
 
 def test_packed_statistics_and_roots_take_n2_plus_n_numbers_per_factor():

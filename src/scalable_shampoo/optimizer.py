@@ -210,7 +210,8 @@ class Shampoo(torch.optim.Optimizer):
             each step unpacks every root and updates the lower triangle alone (see the
             README's memory table). Fp32 roots only (no ``root_storage_dtype``); the root
             preconditioner only. State keys ``packed.*`` and ``root_diag.*`` instead of
-            ``stat.*`` and ``root.*``; a checkpoint loads only into the same setting.
+            ``stat.*`` and ``root.*``. A checkpoint of either layout loads into either: unlike
+            other settings, this one is the optimizer's, and the state is converted to it.
         max_root_residual: a root whose residual (``max|X^p·A·V − V|`` on probe vectors V)
             is above this goes down the fallback chain (eigh, fp64, then ε×10 up to
             ``root_retries`` times) and is then rejected (the previous root stays). In fp32 at

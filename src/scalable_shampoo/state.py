@@ -47,7 +47,8 @@ both rules; any other parameter is refused by name (its statistics can't be conv
 **What must match** (:func:`check_groups`, before anything changes): the param groups'
 sizes, the parameters' shapes and dtypes, and the settings that lay out the state
 (:data:`PLAN_SETTINGS` where they change a parameter's plan; β₁ = 0 or not, grafting
-with or without an accumulator, momentum = 0 or not, ``packed_storage``). Any other setting is taken from
+with or without an accumulator, momentum = 0 or not). ``packed_storage`` stays the optimizer's, and the
+saved statistics and roots are converted to its layout (:func:`relayout`). Any other setting is taken from
 the checkpoint, as ``torch.optim`` does. A mismatch raises a ``ValueError`` naming
 the parameter or param group, the setting, and the saved and current values.
 
@@ -193,6 +194,35 @@ def merge_rows(parts: list[dict[Any, dict[str, Any]]], shapes: list[tuple[int, .
     return out
 
 
+def relayout(state: dict[str, Any], packed: bool) -> dict[str, Any]:
+    """One parameter's ``state`` with its statistics and roots moved to the packed layout
+    (``packed``, ``packed_storage=True``) or to the default one; every other entry as it is.
+    Packing keeps a statistic's lower triangle (its own upper triangle, equal up to rounding,
+    is dropped) and a root's upper one, in the statistic's dtype; unpacking mirrors the lower
+    triangle into a full statistic and rebuilds the full root. So unpacking then packing again
+    gives back the same tensors."""
+    from .kronecker import pack_root_, packed_statistic, unpack_root
+
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        head, _, rest = k.partition(".")
+        if head in (("stat", "root") if packed else ("packed", "root_diag")):
+            if head in ("stat", "packed"):
+                b, a = map(int, rest.split("."))
+                if packed:
+                    out[packed_key(b, a)] = m = v.tril()
+                    if (root := state.get(root_key(b, a))) is not None:
+                        out[diag_key(b, a)] = pack_root_(m, root.to(v.dtype))
+                else:
+                    out[stat_key(b, a)] = packed_statistic(v)
+                    if (diag := state.get(diag_key(b, a))) is not None:
+                        upper = torch.ones(v.shape, dtype=torch.bool, device=v.device).triu_(1)
+                        out[root_key(b, a)] = unpack_root(v, diag, upper, torch.empty_like(v))
+        else:
+            out[k] = v
+    return out
+
+
 class RootInfo(NamedTuple):
     """What is known of one statistic's roots, stored as a float64 CPU tensor in this order.
     Every value is finite (a check that the state is finite passes): -1 stands for none."""
@@ -249,13 +279,23 @@ class StateCodec:
         # FORMATS[version] names what this checkpoint lacks; each gap is filled or checked
         # here, before anything changes (format 2, today's, lacks nothing)
         saved_groups = check_groups(opt, sd["param_groups"])
+        # packed_storage is this optimizer's, not the checkpoint's: the state is converted to it
+        # below (packed roots are fp32: a packed optimizer takes no root_storage_dtype)
+        was_packed = {id(s): bool(s["packed_storage"]) for s in saved_groups}
+        for s, g in zip(saved_groups, opt.param_groups):
+            s["packed_storage"] = g["packed_storage"]
+            if g["packed_storage"]:
+                s["root_storage_dtype"] = None
         sd["param_groups"] = saved_groups  # torch copied sd before this hook: the caller's dict is untouched
+        sd["state"] = dict(sd["state"])
         params = chain.from_iterable(g["params"] for g in opt.param_groups)
         saved = list(chain.from_iterable(zip(s["params"], [s] * len(s["params"])) for s in saved_groups))
         layout = opt._rows_under(saved_groups)
         rank = opt._sharding.rank if opt._sharding is not None else 0
         for index, ((pid, group), p) in enumerate(zip(saved, params)):
             state = sd["state"].get(pid, {})
+            if state and was_packed[id(group)] != group["packed_storage"]:
+                state = sd["state"][pid] = relayout(state, group["packed_storage"])
             plan = opt._shard_plan(p, {**group, "params": [p]})  # fsdp="local": of this rank's shard
             if "fan-in plans" in FORMATS[version] and state:
                 _check_format1_plan(pid, p, group, plan)
@@ -430,13 +470,6 @@ def check_groups(opt: Shampoo, saved_groups: Any, shapes: list[tuple[int, ...]] 
                     "optimizer with the checkpoint's; nothing was loaded"
                 )
             index += 1
-        if g["params"] and bool(s.get("packed_storage")) != bool(g.get("packed_storage")):
-            raise ValueError(
-                f"state_dict was saved with other settings: param group {gi} has packed_storage="
-                f"{s.get('packed_storage')!r} in the checkpoint, {g.get('packed_storage')!r} here. This setting "
-                "decides how statistics and roots are stored: build the optimizer with the checkpoint's; "
-                "nothing was loaded"
-            )
         if g["params"]:
             kept = _buffers(g)
             for key, (name, was, had) in _buffers(s).items():
