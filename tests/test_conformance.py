@@ -363,7 +363,7 @@ BAD_ARGUMENTS: list[tuple[str, Any]] = [
     ("root_storage_dtype", torch.int8), ("max_root_residual", 0), ("root_retries", -1), ("nonfinite_grad", "ignore"),
     ("scheduler", "inline"), ("batched", 1), ("compile_elementwise", "yes"), ("communication_dtype", torch.int8),
     ("precondition_axes", "x"), ("preconditioner", "soap"),
-    ("first_moment_basis", "eigen"), ("fsdp", "sharded"), ("basis_refresh", "power"),
+    ("first_moment_basis", "eigen"), ("fsdp", "sharded"), ("basis_refresh", "power"), ("packed_storage", "yes"),
 ]  # fmt: skip
 
 

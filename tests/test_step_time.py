@@ -44,6 +44,9 @@ def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
         for k in ("ratio_median", "ratio_mean", "ratio_max"):
             assert _positive(r[k])
         assert "load" in r
+        # the bytes each optimizer holds: Shampoo's memory() by kind, AdamW's two moments (and step)
+        assert r["shampoo_bytes"] == sum(v for k, v in r["shampoo_memory"].items() if k != "parameters") > 0
+        assert r["adamw_bytes"] >= 2 * r["shampoo_memory"]["parameters"]
 
     block_sizes = {r["block_size"] for r in res["step_time"]}
     assert {(r["model"], r["block_size"]) for r in res["batched"]} == {(m, b) for m in models for b in block_sizes}
@@ -77,3 +80,13 @@ def test_quick_run_writes_complete_json(tmp_path: Path) -> None:
     for r in res["flop_bound"]:
         for k in ("step_gflop", "gemm_gflops", "bound_ms", "nonroot_median_over_bound"):
             assert _positive(r[k])
+
+
+def test_quick_packed_pair_times_packed_against_the_default_layout(tmp_path: Path) -> None:
+    out = tmp_path / "packed.json"
+    assert main(["--quick", "--sections", "packed", "--models", "linear4", "--block-sizes", "32",
+                 "--out", str(out), "--threads", "1"]) == 0  # fmt: skip
+    (r,) = json.loads(out.read_text())["packed"]
+    for opt in ("packed", "full"):
+        assert _positive(r[opt]["median_ms"]) and r[opt]["root_steps"] == 0
+    assert r["max_abs_param_diff"] < 1e-4  # the two layouts take the same steps up to rounding

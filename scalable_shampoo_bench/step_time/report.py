@@ -28,6 +28,11 @@ def _load_str(load: dict[str, Any]) -> str:
     return f"{load['other_cores']:.2f}"
 
 
+def _mib(n: int | None) -> float | None:
+    """Bytes as MiB (2²⁰ bytes), one decimal; None for records written before memory was recorded."""
+    return None if n is None else round(n / 2**20, 1)
+
+
 def report(res: dict[str, Any]) -> str:
     m = res["meta"]
     parts = [
@@ -38,7 +43,7 @@ def report(res: dict[str, Any]) -> str:
     ]
     step_headers = [
         "model", "block", "freq", "blocks", "sh med", "sh mean", "sh max", "sh root", "aw med", "aw mean", "aw max",
-        "x med", "x mean", "x max", "others",
+        "x med", "x mean", "x max", "sh MiB", "aw MiB", "others",
     ]  # fmt: skip
 
     def step_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
@@ -47,7 +52,8 @@ def report(res: dict[str, Any]) -> str:
                 r["model"], r["block_size"], r["precondition_frequency"], r["blocks"],
                 r["shampoo"]["median_ms"], r["shampoo"]["mean_ms"], r["shampoo"]["max_ms"],
                 r["shampoo"]["root_step_median_ms"], r["adamw"]["median_ms"], r["adamw"]["mean_ms"],
-                r["adamw"]["max_ms"], r["ratio_median"], r["ratio_mean"], r["ratio_max"], _load_str(r["load"]),
+                r["adamw"]["max_ms"], r["ratio_median"], r["ratio_mean"], r["ratio_max"],
+                _mib(r.get("shampoo_bytes")), _mib(r.get("adamw_bytes")), _load_str(r["load"]),
             ]
             for r in records
         ]  # fmt: skip

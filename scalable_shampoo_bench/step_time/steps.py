@@ -38,6 +38,7 @@ def _against_adamw(
     run_adamw: Callable[[], object],
     args: argparse.Namespace,
     device: torch.device,
+    adamw: torch.optim.Optimizer,
 ) -> None:
     """Time the two interleaved; fill ``record`` with the load, summaries, ratios, counts and raw times."""
     n, frequency = record["measured_steps"], record["precondition_frequency"]
@@ -50,7 +51,19 @@ def _against_adamw(
     record.update(ratios(record["shampoo"], record["adamw"]))
     record.update(root_counts(shampoo))
     record.update(block_counts(model, shampoo))
+    record.update(live_memory(shampoo, adamw))
     record["raw_ms"] = {"shampoo": [ms(t) for t in ta], "adamw": [ms(t) for t in tb], "first_shampoo_step": first}
+
+
+def live_memory(shampoo: Shampoo, adamw: torch.optim.Optimizer) -> dict[str, Any]:
+    """The bytes each optimizer holds between steps, after the measured steps: Shampoo's
+    ``memory()`` by kind (it equals the live tensor bytes the optimizer holds; the library's
+    tests check it) and its total without the parameters, and AdamW's state tensors."""
+    mem = shampoo.memory()
+    adamw_bytes = sum(t.untyped_storage().nbytes() for st in adamw.state.values() for t in st.values()
+                      if torch.is_tensor(t))  # fmt: skip
+    return {"shampoo_memory": mem, "shampoo_bytes": sum(v for k, v in mem.items() if k != "parameters"),
+            "adamw_bytes": adamw_bytes}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- 1. step time
@@ -70,7 +83,7 @@ def bench_step_time(
         "params": sum(p.numel() for p in model_a.parameters()),
         **_settings(block_size, frequency, args),
     }
-    _against_adamw(record, model_a, shampoo, shampoo.step, adamw.step, args, device)
+    _against_adamw(record, model_a, shampoo, shampoo.step, adamw.step, args, device, adamw)
     record["step_gflop"] = round(step_flops(model_a, shampoo) / 1e9, 4)
     if args.profile:
         record["profile"] = profile_steps(shampoo, device, args.profile_steps, args.start_step, frequency)
@@ -99,5 +112,7 @@ def bench_end_to_end(
         return run
 
     record: dict[str, Any] = {"model": name, "dims": dims, "batch": shape, **_settings(block_size, frequency, args)}
-    _against_adamw(record, model_a, shampoo, iteration(model_a, shampoo), iteration(model_b, adamw), args, device)
+    _against_adamw(
+        record, model_a, shampoo, iteration(model_a, shampoo), iteration(model_b, adamw), args, device, adamw
+    )
     return record
