@@ -18,6 +18,13 @@ With ``preconditioner="eigenvalue_corrected"`` the roots stacks hold the bases Q
 contraction: G̃ = G ×ₐ Q_aᵀ, V ← β₂V + w·G̃², P = (Ĝ ×ₐ Q_aᵀ)/(√V̂ + ε) ×ₐ Q_a, with V
 gathered from and scattered back to the per-parameter ``exp_avg_sq``.
 
+With ``packed_storage`` (``Spec.packed``) a statistics stack holds each H in its lower
+triangle and the root's strict upper triangle above it, and the roots stack only the roots'
+diagonals ``[B, n]`` (``kronecker.pack_root_``): the statistic update goes through the
+``mat`` scratch and copies back the lower triangle, and each root is unpacked into that
+scratch when the contraction reads it (:class:`Unpacked`); chunks are then at most
+:data:`PACKED_CHUNK_ELEMENTS`.
+
 ``batched=False`` gives every block a bucket of its own (a stack of one): the
 per-block reference that the stacking is tested against runs the same code.
 
