@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed steps of each (≥ 2 root periods)")
     ap.add_argument("--frequency", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="tiny models, for the smoke test")
+    ap.add_argument("--configs", default=None, help="comma list of model:block (default: every one of CONFIGS)")
     ap.add_argument("--out", default="scalable_shampoo_bench/results/compare_versions.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     base_cls = importlib.import_module("scalable_shampoo_base").Shampoo
     device = torch.device("cpu")
     records: list[dict[str, Any]] = []
-    for name, block in CONFIGS:
+    configs = CONFIGS
+    if args.configs:
+        configs = [(m, int(b)) for m, b in (c.split(":") for c in args.configs.split(","))]
+    for name, block in configs:
         model = make_model(name, args.quick, device)
         twin = copy.deepcopy(model)
         set_fixed_grads(model, 1)

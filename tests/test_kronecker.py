@@ -65,3 +65,33 @@ def test_stacked_functions_equal_the_per_block_ones(shape, axes):
         for b in range(3):
             expected = precondition(stack[b], {a: r[b] for a, r in roots.items()})
             torch.testing.assert_close(got[b], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [6, 7])
+@pytest.mark.parametrize("beta2", [0.9, 1.0])
+def test_statistic_by_quarters_equals_the_full_product(monkeypatch, n, beta2):
+    """With SPLIT_DIM lowered below n, H ← β₂·H + w·UUᵀ by quarters (lower-left and diagonal
+    products, the upper-right mirrored) equals the full product in fp64 (1e-14) for both axes of
+    a stack; the upper-right quarter is exactly the lower-left one transposed. Packed storage
+    writes the same lower triangle, bit for bit, and leaves the root's strict upper one alone."""
+    import scalable_shampoo.kronecker as kron
+
+    monkeypatch.setattr(kron, "SPLIT_DIM", 4)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3, n, n + 2, dtype=torch.float64, generator=gen)
+    for axis, m in ((0, n), (1, n + 2)):
+        if m < 4:
+            continue
+        a = torch.randn(3, m, m, dtype=torch.float64, generator=gen)
+        h0 = a @ a.mT
+        u = stacked_unfolding(g, axis)
+        want = beta2 * h0 + kron.statistic_weight(beta2) * (u @ u.mT)
+        got = kron.accumulate_statistics_(h0.clone(), g, axis, beta2)
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+        half = m // 2
+        assert torch.equal(got[:, :half, half:], got[:, half:, :half].mT)
+        roots = torch.randn(3, m, m, dtype=torch.float64, generator=gen)
+        packed = h0.tril() + roots.triu(1)
+        upper = torch.ones(m, m, dtype=torch.bool).triu(1)
+        kron.accumulate_statistics_(packed, g, axis, beta2, packed=(torch.empty_like(packed), upper))
+        assert torch.equal(packed.tril(), got.tril()) and torch.equal(packed.triu(1), roots.triu(1))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from scalable_shampoo import Shampoo
+from scalable_shampoo.kronecker import SPLIT_DIM
 
 from .timing import ms, timed
 
@@ -18,7 +19,8 @@ def step_flops(model: nn.Module, opt: Shampoo) -> float:
 
     A block with ``N`` entries and a statistic on axis ``a`` (length ``n_a``) costs
     ``2·N·n_a`` for ``G₍ₐ₎G₍ₐ₎ᵀ`` and ``2·N·n_a`` for contracting G with the root:
-    ``4·N·Σₐ n_a`` (for an m×n matrix, ``4mn(m + n)``).
+    ``4·N·Σₐ n_a`` (for an m×n matrix, ``4mn(m + n)``). A statistic of at least
+    ``kronecker.SPLIT_DIM`` is computed by quarters, three of the four: ``1.5·N·n_a``.
     """
     group = opt.param_groups[0]
     flops = 0.0
@@ -27,7 +29,9 @@ def step_flops(model: nn.Module, opt: Shampoo) -> float:
             numel = 1
             for n in block.shape:
                 numel *= n
-            flops += 4.0 * numel * sum(block.shape[a] for a in block.axes)
+            for a in block.axes:
+                n_a = block.shape[a]
+                flops += (1.5 if n_a >= SPLIT_DIM else 2.0) * numel * n_a + 2.0 * numel * n_a
     return flops
 
 
